@@ -1,0 +1,252 @@
+"""Hugging Face checkpoints in and out: `config.json` + `model.safetensors` (or a sharded index).
+
+Loading memory-maps each safetensors file and builds every param with `jax.make_array_from_callback`: each device
+reads only its own slice of one tensor at a time, straight into its `NamedSharding`, so no second full copy of the
+model is ever held on the host. Saving streams one tensor at a time, gathered to process 0, into files that
+`transformers.AutoModelForCausalLM.from_pretrained` loads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import ml_dtypes
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+
+from rlt_jax import sharding
+from rlt_jax.models import qwen2
+from rlt_jax.models.config import ModelConfig
+
+_ST_TO_NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+             "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_NP_TO_ST = {np.dtype(v): k for k, v in _ST_TO_NP.items()}
+SAFE_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
+
+
+class SafetensorsFile:
+  """A read-only, memory-mapped safetensors file: `get(name)` is a lazy NumPy view."""
+
+  def __init__(self, path: str):
+    self.path = path
+    with open(path, "rb") as f:
+      (n,) = struct.unpack("<Q", f.read(8))
+      try:
+        self.header = json.loads(f.read(n))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    self.header.pop("__metadata__", None)
+    self._data_start = 8 + n
+    self._mm = np.memmap(path, dtype=np.uint8, mode="r")
+
+  def get(self, name: str) -> np.ndarray:
+    info = self.header[name]
+    if info["dtype"] not in _ST_TO_NP:
+      raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+    start, end = info["data_offsets"]
+    raw = self._mm[self._data_start + start:self._data_start + end]
+    return raw.view(_ST_TO_NP[info["dtype"]]).reshape(info["shape"])
+
+
+class _Tensor(NamedTuple):
+  """How one param maps to Hugging Face tensors (one per layer when `per_layer`)."""
+  path: tuple[str, ...]
+  hf_name: str
+  per_layer: bool
+  to_ours: Callable[[np.ndarray], np.ndarray]   # view -> view, no copy
+  to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _layout(config: ModelConfig) -> list[_Tensor]:
+  H, K, E, D = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
+  ident = lambda w: w  # noqa: E731
+  tr = lambda w: w.T  # noqa: E731
+  L = "model.layers.{}."
+  out = [_Tensor(("embed", "embedding"), "model.embed_tokens.weight", False, ident, ident),
+         _Tensor(("final_norm", "scale"), "model.norm.weight", False, ident, ident),
+         _Tensor(("layers", "input_norm", "scale"), L + "input_layernorm.weight", True, ident, ident),
+         _Tensor(("layers", "post_attn_norm", "scale"), L + "post_attention_layernorm.weight", True, ident, ident)]
+  for name, heads in (("q_proj", H), ("k_proj", K), ("v_proj", K)):
+    out.append(_Tensor(("layers", "attn", name, "kernel"), L + f"self_attn.{name}.weight", True,
+                       lambda w, n=heads: w.reshape(n, E, D).transpose(2, 0, 1),
+                       lambda a, n=heads: a.transpose(1, 2, 0).reshape(n * E, D)))
+    if config.qkv_bias:
+      out.append(_Tensor(("layers", "attn", name, "bias"), L + f"self_attn.{name}.bias", True,
+                         lambda w, n=heads: w.reshape(n, E), lambda a, n=heads: a.reshape(n * E)))
+  out.append(_Tensor(("layers", "attn", "o_proj", "kernel"), L + "self_attn.o_proj.weight", True,
+                     lambda w: w.reshape(D, H, E).transpose(1, 2, 0), lambda a: a.transpose(2, 0, 1).reshape(D, H * E)))
+  if config.o_bias:
+    out.append(_Tensor(("layers", "attn", "o_proj", "bias"), L + "self_attn.o_proj.bias", True, ident, ident))
+  for name in ("gate_proj", "up_proj", "down_proj"):
+    out.append(_Tensor(("layers", "mlp", name, "kernel"), L + f"mlp.{name}.weight", True, tr, tr))
+  if not config.tie_word_embeddings:
+    out.append(_Tensor(("lm_head", "kernel"), "lm_head.weight", False, tr, tr))
+  return out
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _set(tree, path, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def _open_files(path: str) -> dict[str, SafetensorsFile]:
+  """Tensor name -> the open file that holds it."""
+  single, index = os.path.join(path, SAFE_NAME), os.path.join(path, INDEX_NAME)
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    files = {fn: SafetensorsFile(os.path.join(path, fn)) for fn in sorted(set(weight_map.values()))}
+    return {name: files[fn] for name, fn in weight_map.items()}
+  if os.path.isfile(single):
+    f = SafetensorsFile(single)
+    return {name: f for name in f.header}
+  raise FileNotFoundError(f"{path}: neither {SAFE_NAME} nor {INDEX_NAME} found")
+
+
+def load_hf(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: str | None = None, rules=None,
+            on_indivisible: str = "replicate", config: ModelConfig | None = None):
+  """(config, params) from a Hugging Face model directory.
+
+  With a mesh, every param lands on its NamedSharding from the sharding rules (default: the active rules); without
+  one, on the first device. `dtype` sets the params' storage dtype (default: `config.param_dtype`, float32).
+  """
+  path = os.fspath(path)
+  config = config or ModelConfig.from_hf(path)
+  if dtype is not None:
+    config = config.replace(param_dtype=dtype)
+  files = _open_files(path)
+  shapes = qwen2.param_shapes(config)
+  if mesh is not None:
+    shardings = sharding.tree_shardings(qwen2.param_logical_axes(config), shapes, mesh, rules, on_indivisible)
+  else:
+    device = jax.local_devices()[0]
+    shardings = jax.tree.map(lambda _: SingleDeviceSharding(device), shapes)
+
+  def source(name):
+    if name not in files:
+      raise KeyError(f"{path}: tensor {name!r} is missing from the checkpoint")
+    return files[name].get(name)
+
+  params: dict = {}
+  for t in _layout(config):
+    shape, target = _get(shapes, t.path), _get(shapes, t.path).dtype
+    names = [t.hf_name.format(i) for i in range(config.num_layers)] if t.per_layer else [t.hf_name]
+    views = [t.to_ours(source(n)) for n in names]
+    expected = shape.shape[1:] if t.per_layer else shape.shape
+    for n, v in zip(names, views):
+      if tuple(v.shape) != tuple(expected):
+        raise ValueError(f"{path}: tensor {n!r} has shape {v.shape} after layout, expected {expected}")
+
+    def read(index, views=views, per_layer=t.per_layer, target=target):
+      if per_layer:
+        return np.stack([np.asarray(v[index[1:]], dtype=target) for v in views[index[0]]])
+      return np.asarray(views[0][index], dtype=target)
+
+    _set(params, t.path, jax.make_array_from_callback(shape.shape, _get(shardings, t.path), read))
+  return config, params
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The whole array on every process's host (an all-gather across processes when it spans several)."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def save_hf(config: ModelConfig, params, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
+            tokenizer=None) -> None:
+  """Writes `config.json` and safetensors (sharded above `max_shard_bytes`), one tensor in host memory at a time.
+
+  Every process must call it (multi-host arrays are gathered); only process 0 writes.
+  """
+  path = os.fspath(path)
+  writer = jax.process_index() == 0
+  entries = []  # (hf name, shape, dtype, thunk)
+  for t in _layout(config):
+    arr = _get(params, t.path)
+    dt = np.dtype(arr.dtype)
+    if t.per_layer:
+      for i in range(config.num_layers):
+        hf_shape = t.to_hf(np.empty(arr.shape[1:], np.uint8)).shape
+        entries.append((t.hf_name.format(i), hf_shape, dt, lambda a=arr, i=i, f=t.to_hf: f(_to_host(a[i]))))
+    else:
+      hf_shape = t.to_hf(np.empty(arr.shape, np.uint8)).shape
+      entries.append((t.hf_name, hf_shape, dt, lambda a=arr, f=t.to_hf: f(_to_host(a))))
+
+  shards, size = [[]], 0
+  for e in entries:
+    nbytes = int(np.prod(e[1])) * e[2].itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(e)
+    size += nbytes
+  if writer:
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+      json.dump(config.to_hf_dict(), f, indent=2)
+    for stale in (SAFE_NAME, INDEX_NAME):
+      if os.path.exists(os.path.join(path, stale)):
+        os.remove(os.path.join(path, stale))
+  names = [SAFE_NAME] if len(shards) == 1 else [
+      f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  weight_map = {}
+  for fn, shard in zip(names, shards):
+    _write_safetensors(os.path.join(path, fn), shard, writer)
+    weight_map.update({e[0]: fn for e in shard})
+  if writer and len(shards) > 1:
+    total = sum(int(np.prod(e[1])) * e[2].itemsize for e in entries)
+    with open(os.path.join(path, INDEX_NAME), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  if writer and tokenizer is not None:
+    tokenizer.save_pretrained(path)
+
+
+def _write_safetensors(file: str, entries, writer: bool) -> None:
+  header, offset = {"__metadata__": {"format": "pt"}}, 0
+  for name, shape, dt, _ in entries:
+    nbytes = int(np.prod(shape)) * dt.itemsize
+    header[name] = {"dtype": _NP_TO_ST[dt], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+  f = open(file + ".tmp", "wb") if writer else None
+  try:
+    if f:
+      f.write(struct.pack("<Q", len(blob)) + blob)
+    for name, shape, dt, thunk in entries:
+      data = np.ascontiguousarray(thunk(), dtype=dt)  # every process joins the gather
+      if tuple(data.shape) != tuple(shape):
+        raise AssertionError(f"{name}: produced {data.shape}, declared {shape}")
+      if f:
+        f.write(data.tobytes())
+  finally:
+    if f:
+      f.close()
+  if writer:
+    os.replace(file + ".tmp", file)  # a reader never sees a half-written file
+
+
+def shard_params(params, mesh: Mesh, config: ModelConfig, rules=None, on_indivisible: str = "replicate"):
+  """Places an existing params tree on `mesh` by the sharding rules."""
+  shardings = sharding.tree_shardings(qwen2.param_logical_axes(config), params, mesh, rules, on_indivisible)
+  return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
+
+
+def param_named_shardings(config: ModelConfig, mesh: Mesh, rules=None,
+                          on_indivisible: str = "replicate") -> dict[str, NamedSharding]:
+  """The NamedSharding of every param of `config` on `mesh` (e.g. for jit's in/out shardings)."""
+  return sharding.tree_shardings(qwen2.param_logical_axes(config), qwen2.param_shapes(config), mesh, rules,
+                                 on_indivisible)

@@ -1,0 +1,175 @@
+"""Device meshes and logical-axis sharding.
+
+Every param and the main activations carry *logical* axis names ("embed", "q_heads", "batch", ...). A list of rules
+(from the config) maps each logical name to mesh axes of the (data, fsdp, tensor) mesh, MaxText-style. Changing how a
+model is sharded is a config change, never a model change.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis, tuple of mesh axes, or None (replicated).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # params
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+ON_INDIVISIBLE = ("replicate", "error")
+_log = logging.getLogger(__name__)
+_state = {"rules": DEFAULT_RULES}
+
+
+def make_mesh(axis_sizes: Mapping[str, int] | Sequence[int], devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh. Sizes come as a dict or in that order; one size may be -1 (the rest)."""
+  if isinstance(axis_sizes, Mapping):
+    unknown = set(axis_sizes) - set(MESH_AXES)
+    if unknown:
+      raise ValueError(f"mesh: unknown axis {sorted(unknown)}; the axes are {MESH_AXES}")
+    sizes = [int(axis_sizes.get(a, 1)) for a in MESH_AXES]
+  else:
+    sizes = [int(s) for s in axis_sizes]
+    if len(sizes) != len(MESH_AXES):
+      raise ValueError(f"mesh: expected {len(MESH_AXES)} sizes for {MESH_AXES}, got {sizes}")
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  n = devices.size
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  known = math.prod(s for s in sizes if s != -1)
+  if any(s == 0 or s < -1 for s in sizes) or n % known:
+    raise ValueError(f"mesh: sizes {dict(zip(MESH_AXES, sizes))} do not fit {n} devices")
+  sizes = [n // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != n:
+    raise ValueError(f"mesh: sizes {dict(zip(MESH_AXES, sizes))} use {math.prod(sizes)} devices, but there are {n}")
+  # mesh_utils orders devices so that the fastest links serve the innermost (tensor) axis.
+  from jax.experimental import mesh_utils
+  try:
+    grid = mesh_utils.create_device_mesh(sizes, devices=list(devices.flat))
+  except (ValueError, NotImplementedError, AssertionError):
+    grid = devices.reshape(sizes)
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def normalize_rules(rules) -> tuple[tuple[str, Any], ...]:
+  """Rules from a config (list of pairs, or a dict) as a hashable tuple; mesh axes are validated."""
+  items = rules.items() if isinstance(rules, Mapping) else rules
+  out = []
+  for name, axes in items:
+    if isinstance(axes, list):
+      axes = tuple(axes)
+    for a in (axes if isinstance(axes, tuple) else (axes,)):
+      if a is not None and a not in MESH_AXES:
+        raise ValueError(f"sharding rule {name!r} -> {axes!r}: unknown mesh axis {a!r} (axes: {MESH_AXES})")
+    out.append((str(name), axes))
+  return tuple(out)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules=None):
+  """Makes `mesh` the context mesh (so `constrain` shards activations) and `rules` the active rules."""
+  old = _state["rules"]
+  _state["rules"] = normalize_rules(rules) if rules is not None else old
+  try:
+    with jax.set_mesh(mesh):
+      yield mesh
+  finally:
+    _state["rules"] = old
+
+
+def active_rules():
+  return _state["rules"]
+
+
+def _mesh_axes_for(name: str | None, rules) -> tuple[str, ...]:
+  if name is None:
+    return ()
+  for logical, axes in rules:
+    if logical == name:
+      if axes is None:
+        return ()
+      return tuple(axes) if isinstance(axes, tuple) else (axes,)
+  raise KeyError(f"no sharding rule for logical axis {name!r}; add one to the rules (known: "
+                 f"{[r[0] for r in rules]})")
+
+
+def logical_to_spec(names: Sequence[str | None], rules=None, *, mesh=None, shape=None, what: str = "array",
+                    on_indivisible: str = "replicate") -> P:
+  """PartitionSpec for an array with logical axis `names`.
+
+  A mesh axis is used at most once per array (the first logical axis that asks for it wins). With `mesh` and
+  `shape`, a dimension whose size the mesh axes do not divide is replicated (with a warning) or raises, as
+  `on_indivisible` says.
+  """
+  if on_indivisible not in ON_INDIVISIBLE:
+    raise ValueError(f"on_indivisible={on_indivisible!r}: expected one of {ON_INDIVISIBLE}")
+  rules = active_rules() if rules is None else rules
+  used: set[str] = set()
+  spec = []
+  for dim, name in enumerate(names):
+    axes = tuple(a for a in _mesh_axes_for(name, rules) if a not in used)
+    if mesh is not None:
+      axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+    if axes and mesh is not None and shape is not None:
+      size = math.prod(mesh.shape[a] for a in axes)
+      if shape[dim] % size:
+        ok = [d for d in range(1, shape[dim] + 1) if shape[dim] % d == 0]
+        msg = (f"{what}: dimension {dim} ({name}={shape[dim]}) is not divisible by mesh axes {axes} "
+               f"(size {size}); sizes that divide it: {ok}")
+        if on_indivisible == "error":
+          raise ValueError(msg + ". Change the mesh, or set on_indivisible='replicate' to replicate this dimension.")
+        if what != "activation":
+          _log.warning("%s; replicating this dimension", msg)
+        axes = ()
+    used.update(axes)
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*spec)
+
+
+def tree_shardings(logical_tree, shape_tree, mesh: Mesh, rules=None, on_indivisible: str = "replicate"):
+  """NamedShardings for a params pytree, from its logical-axes tree and its shapes (arrays or ShapeDtypeStructs)."""
+  rules = active_rules() if rules is None else normalize_rules(rules)
+
+  def one(path, names, leaf):
+    what = "param " + "/".join(str(getattr(k, "key", k)) for k in path)
+    spec = logical_to_spec(names, rules, mesh=mesh, shape=leaf.shape, what=what, on_indivisible=on_indivisible)
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(one, logical_tree, shape_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Shards an activation by logical names under the context mesh; a no-op outside one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  spec = logical_to_spec(names, mesh=mesh, shape=x.shape, what="activation")
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=None) -> NamedSharding:
+  """Sharding of a [batch, ...] input: batch over the rule for "batch", the rest replicated."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh=mesh))
