@@ -33,7 +33,7 @@ setup(
     version="0.1.0",
     description="Reinforcement-Learned Teachers (RLT) in JAX/Flax",
     packages=find_packages(include=["rlt_jax", "rlt_jax.*"]),
-    package_data={"rlt_jax": ["data/*.jsonl", "data/*.md"]},
+    package_data={"rlt_jax": ["assets/*"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -250,3 +250,12 @@ def param_named_shardings(config: ModelConfig, mesh: Mesh, rules=None,
   """The NamedSharding of every param of `config` on `mesh` (e.g. for jit's in/out shardings)."""
   return sharding.tree_shardings(qwen2.param_logical_axes(config), qwen2.param_shapes(config), mesh, rules,
                                  on_indivisible)
+
+
+def load_tokenizer(path: str | os.PathLike):
+  """A Hugging Face tokenizer from a local directory (never the network)."""
+  import transformers
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
+  return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -35,6 +35,7 @@ class ModelConfig:
   param_dtype: str = "float32"     # storage dtype of params
   dtype: str = "float32"           # compute dtype of activations and matmuls
   remat: str = "none"              # activation checkpointing per layer: none | full | dots
+  attention_impl: str | None = None  # jax.nn.dot_product_attention implementation: None (XLA) | "cudnn"
 
   def __post_init__(self):
     for field in ("param_dtype", "dtype"):

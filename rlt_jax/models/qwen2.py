@@ -14,9 +14,6 @@ import jax.numpy as jnp
 from rlt_jax import sharding
 from rlt_jax.models.config import ModelConfig
 
-_MASKED = -1e30  # finite, so a row with no visible key (a padding query) gives a uniform softmax, not NaN
-
-
 # ----------------------------------------------------------------------------------------------------------- params
 def param_logical_axes(config: ModelConfig) -> dict:
   """The params tree with, at each leaf, the tuple of logical axis names of that array."""
@@ -128,15 +125,16 @@ def project_qkv(config: ModelConfig, attn_params, x_BTD, cos_BTE, sin_BTE):
   return q.reshape(B, T, config.num_kv_heads, -1, E), k, v
 
 
-def attention(q_BTKGE, k_BSKE, v_BSKE, mask_BTS):
-  """Grouped-query softmax attention; scores and softmax in fp32. `mask` is True where a key is visible."""
-  scale = q_BTKGE.shape[-1] ** -0.5
-  scores = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE, preferred_element_type=jnp.float32) * scale
-  scores = jnp.where(mask_BTS[:, None, None], scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKE.dtype)
-  out = jnp.einsum("bkgts,bske->btkge", probs, v_BSKE)
-  B, T, K, G, E = out.shape
-  return out.reshape(B, T, K * G, E)
+def attention(q_BTKGE, k_BSKE, v_BSKE, mask_BTS, implementation: str | None = None):
+  """Grouped-query softmax attention (logits and softmax in fp32). `mask` is True where a key is visible.
+
+  `implementation` is passed to `jax.nn.dot_product_attention` (None: XLA; "cudnn": fused flash attention on GPU).
+  A query row with no visible key (a padding token) gets a finite uniform softmax, never NaN.
+  """
+  B, T, K, G, E = q_BTKGE.shape
+  out = jax.nn.dot_product_attention(q_BTKGE.reshape(B, T, K * G, E), k_BSKE, v_BSKE, mask=mask_BTS[:, None],
+                                     implementation=implementation)
+  return out
 
 
 def attention_output(config: ModelConfig, attn_params, out_BTHE):
@@ -155,7 +153,8 @@ def decoder_layer(config: ModelConfig, lp, x_BTD, cos_BTE, sin_BTE, mask_BTS):
   """One pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
   h = rms_norm(x_BTD, lp["input_norm"]["scale"], config.rms_norm_eps)
   q, k, v = project_qkv(config, lp["attn"], h, cos_BTE, sin_BTE)
-  x_BTD = x_BTD + attention_output(config, lp["attn"], attention(q, k, v, mask_BTS))
+  out = attention(q, k, v, mask_BTS, implementation=config.attention_impl)
+  x_BTD = x_BTD + attention_output(config, lp["attn"], out)
   h = rms_norm(x_BTD, lp["post_attn_norm"]["scale"], config.rms_norm_eps)
   x_BTD = x_BTD + mlp(config, lp["mlp"], h)
   return sharding.constrain(x_BTD, ("batch", "length", "act_embed"))

@@ -1,0 +1,58 @@
+"""Tokens/s of the jitted `forward` vs transformers' PyTorch forward: same tiny Qwen2, batch, length, this CPU.
+
+  python bench/forward.py [--batch 8] [--length 256]
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common import best_of, matmul_peak_flops, torch_threads  # noqa: E402
+from hf_models import make_hf_model  # noqa: E402
+from rlt_jax import checkpoint, models  # noqa: E402
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--length", type=int, default=256)
+  ap.add_argument("--repeats", type=int, default=5)
+  args = ap.parse_args()
+  torch.set_num_threads(torch_threads())
+  shape = dict(vocab=4096, hidden=256, layers=4, heads=8, kv_heads=2, inter=768)
+  with tempfile.TemporaryDirectory() as d:
+    hf = make_hf_model(d, std=0.02, **shape)
+    config, params = checkpoint.load_hf(d)
+  ids = np.random.RandomState(0).randint(0, shape["vocab"], (args.batch, args.length))
+  mask = np.ones_like(ids)
+  fwd = jax.jit(models.forward, static_argnums=0)
+  ids_j, mask_j = jax.device_put(ids), jax.device_put(mask)
+  fwd(config, params, ids_j, mask_j).block_until_ready()  # compile outside the timing
+  ids_t, mask_t = torch.as_tensor(ids), torch.as_tensor(mask)
+
+  def peer():
+    with torch.inference_mode():
+      hf(input_ids=ids_t, attention_mask=mask_t).logits
+
+  peer()
+  t = best_of({"ours": lambda: fwd(config, params, ids_j, mask_j).block_until_ready(), "peer": peer}, args.repeats)
+  tokens = args.batch * args.length
+  n_params = models.num_params(params)
+  flops = 2 * n_params * tokens + 4 * shape["layers"] * args.batch * args.length ** 2 * shape["hidden"]
+  peak = matmul_peak_flops()
+  ours, peer_tps = tokens / t["ours"], tokens / t["peer"]
+  print(f"model {shape}, batch {args.batch}, length {args.length}, fp32, torch threads {torch.get_num_threads()}")
+  print(f"ours {ours:,.0f} tok/s ({flops / t['ours'] / 1e9:.1f} GFLOP/s = {flops / t['ours'] / peak:.0%} of the "
+        f"measured {peak / 1e9:.1f} GFLOP/s matmul peak); transformers {peer_tps:,.0f} tok/s")
+  print(f"RESULT forward ours={ours:.0f} peer={peer_tps:.0f} ratio={ours / peer_tps:.2f}")
+
+
+if __name__ == "__main__":
+  main()

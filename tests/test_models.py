@@ -1,0 +1,174 @@
+"""The Qwen2-family decoder against transformers' PyTorch models (the oracle)."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from hf_models import hf_logits, make_hf_model
+from rlt_jax import checkpoint, models
+
+jit_forward = jax.jit(models.forward, static_argnums=0)
+
+CASES = {
+    # name: (make_hf_model kwargs)
+    "qwen2-untied-gqa2": dict(arch="qwen2", heads=4, kv_heads=2, tie=False, rope_theta=10000.0),
+    "qwen2-tied-gqa4-theta1e6": dict(arch="qwen2", heads=4, kv_heads=1, tie=True, rope_theta=1e6),
+    "qwen2-mha": dict(arch="qwen2", heads=4, kv_heads=4, tie=False, rope_theta=1e6, hidden=32),
+    "llama-nobias-gqa2": dict(arch="llama", heads=4, kv_heads=2, bias=False, tie=True),
+    "llama-bias-gqa4": dict(arch="llama", heads=8, kv_heads=2, bias=True, tie=False, rope_theta=5e5),
+}
+
+
+def padded_batch(vocab, seed=0):
+  """Four rows: full, left-padded, right-padded, and both (a short row in the middle of padding)."""
+  rng = np.random.RandomState(seed)
+  ids = rng.randint(0, vocab, (4, 11))
+  mask = np.ones((4, 11), np.int32)
+  mask[1, :4] = 0
+  mask[2, 7:] = 0
+  mask[3, :2] = 0
+  mask[3, 9:] = 0
+  return ids, mask
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers(tmp_path, case):
+  hf = make_hf_model(tmp_path, **CASES[case])
+  config, params = checkpoint.load_hf(tmp_path)
+  assert config.qkv_bias == (CASES[case]["arch"] == "qwen2" or CASES[case].get("bias", False))
+  assert config.tie_word_embeddings == CASES[case]["tie"]
+  assert ("lm_head" in params) == (not CASES[case]["tie"])
+  ids, mask = padded_batch(config.vocab_size)
+  ours = np.asarray(jit_forward(config, params, ids, mask))
+  ref = hf_logits(hf, ids, mask)
+  real = mask.astype(bool)
+  assert ours.shape == ref.shape
+  np.testing.assert_array_less(np.abs(ours - ref)[real].max(), 1e-4)
+
+
+@pytest.mark.parametrize("case", ["qwen2-untied-gqa2", "llama-nobias-gqa2"])
+def test_save_hf_round_trip_through_transformers(tmp_path, case):
+  hf = make_hf_model(tmp_path / "src", **CASES[case])
+  config, params = checkpoint.load_hf(tmp_path / "src")
+  checkpoint.save_hf(config, params, tmp_path / "out")
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+  ids, mask = padded_batch(config.vocab_size, seed=1)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(hf_logits(back, ids, mask)[real], hf_logits(hf, ids, mask)[real], atol=1e-6)
+  ours = np.asarray(jit_forward(config, params, ids, mask))
+  np.testing.assert_array_less(np.abs(ours - hf_logits(back, ids, mask))[real].max(), 1e-4)
+
+
+def test_sharded_index_round_trip(tmp_path):
+  hf = make_hf_model(tmp_path / "src", layers=3)
+  config, params = checkpoint.load_hf(tmp_path / "src")
+  checkpoint.save_hf(config, params, tmp_path / "out", max_shard_bytes=40_000)
+  index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+  assert len(set(index["weight_map"].values())) > 1
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+  _, params2 = checkpoint.load_hf(tmp_path / "out")
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params2)
+  ids, mask = padded_batch(config.vocab_size)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(hf_logits(back, ids, mask)[real], hf_logits(hf, ids, mask)[real], atol=1e-6)
+
+
+def test_bf16_checkpoint_and_compute(tmp_path):
+  hf = make_hf_model(tmp_path / "src")
+  hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+  config, params = checkpoint.load_hf(tmp_path / "bf16")
+  assert params["embed"]["embedding"].dtype == jnp.float32  # upcast on load by default
+  config16, params16 = checkpoint.load_hf(tmp_path / "bf16", dtype="bfloat16")
+  assert params16["embed"]["embedding"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(params16["embed"]["embedding"], np.float32),
+                                np.asarray(params["embed"]["embedding"]))
+  ids, mask = padded_batch(config.vocab_size)
+  real = mask.astype(bool)
+  # bf16 weights, fp32 math (a fresh load: `.to(bf16)` would also round the rotary inv_freq buffer)
+  ref = hf_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32), ids, mask)
+  np.testing.assert_array_less(np.abs(np.asarray(jit_forward(config, params, ids, mask)) - ref)[real].max(), 1e-4)
+  # bf16 compute: the same function, looser (bf16 has ~3 significant digits); logits still come out fp32.
+  out16 = jit_forward(config16.replace(dtype="bfloat16"), params16, ids, mask)
+  assert out16.dtype == jnp.float32
+  assert np.abs(np.asarray(out16) - ref)[real].max() < 0.1
+
+
+def test_save_hf_writes_bf16(tmp_path):
+  make_hf_model(tmp_path / "src")
+  config, params = checkpoint.load_hf(tmp_path / "src", dtype="bfloat16")
+  checkpoint.save_hf(config, params, tmp_path / "out")
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+  assert back.model.embed_tokens.weight.dtype == torch.bfloat16
+  np.testing.assert_array_equal(back.model.embed_tokens.weight.detach().float().numpy(),
+                                np.asarray(params["embed"]["embedding"], np.float32))
+
+
+def test_remat_gives_same_logits_and_grads(tmp_path):
+  make_hf_model(tmp_path)
+  config, params = checkpoint.load_hf(tmp_path)
+  ids, mask = padded_batch(config.vocab_size)
+
+  def loss(cfg, p):
+    return jnp.mean(jax.nn.log_softmax(models.forward(cfg, p, ids, mask))[..., 0])
+
+  grads = {}
+  for policy in ("none", "full", "dots"):
+    grads[policy] = jax.jit(jax.grad(loss, argnums=1), static_argnums=0)(config.replace(remat=policy), params)
+  for policy in ("full", "dots"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads["none"], grads[policy])
+
+
+def test_init_params_under_eval_shape_matches_layout():
+  config = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+                              num_kv_heads=2, head_dim=8)
+  shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))
+  assert shapes["layers"]["attn"]["k_proj"]["kernel"].shape == (3, 32, 2, 8)
+  assert jax.tree.structure(shapes) == jax.tree.structure(models.param_shapes(config))
+  params = models.init_params(config, jax.random.key(0))
+  assert jax.tree.map(lambda x: x.shape, params) == jax.tree.map(lambda x: x.shape, shapes)
+  assert float(jnp.std(params["layers"]["mlp"]["up_proj"]["kernel"])) == pytest.approx(0.02, rel=0.1)
+
+
+def test_real_qwen25_05b_parameter_count(qwen_dir):
+  """494,032,768 is the published size of Qwen2.5-0.5B(-Instruct); torch on the meta device is a second oracle."""
+  config = models.ModelConfig.from_hf(qwen_dir)
+  assert (config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim) == (24, 14, 2, 64)
+  assert config.rope_theta == 1e6 and config.tie_word_embeddings and config.qkv_bias
+  shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))
+  assert models.num_params(shapes) == 494_032_768
+  with torch.device("meta"):
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(qwen_dir))
+  assert models.num_params(shapes) == sum(p.numel() for p in hf.parameters())
+
+
+def test_config_reads_nested_rope_theta_and_rejects_bad_files(tmp_path):
+  nested = {"model_type": "qwen2", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "rope_parameters": {"rope_type": "default",
+                                                                                    "rope_theta": 12345.0}}
+  (tmp_path / "config.json").write_text(json.dumps(nested))
+  assert models.ModelConfig.from_hf(tmp_path).rope_theta == 12345.0
+  (tmp_path / "config.json").write_text(json.dumps({**nested, "rope_theta": 777.0}))
+  assert models.ModelConfig.from_hf(tmp_path / "config.json").rope_theta == 777.0
+  (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in nested.items() if k != "hidden_size"}))
+  with pytest.raises(ValueError, match=r"config.json: missing field\(s\) \['hidden_size'\]"):
+    models.ModelConfig.from_hf(tmp_path)
+  (tmp_path / "config.json").write_text(json.dumps({**nested, "model_type": "gpt2"}))
+  with pytest.raises(ValueError, match="model_type='gpt2' is not supported"):
+    models.ModelConfig.from_hf(tmp_path)
+  with pytest.raises(FileNotFoundError, match="no Hugging Face config.json"):
+    models.ModelConfig.from_hf(tmp_path / "nowhere")
+
+
+def test_load_hf_names_missing_and_misshapen_tensors(tmp_path):
+  make_hf_model(tmp_path)
+  cfg = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+  with pytest.raises(KeyError, match="model.layers.2.input_layernorm.weight' is missing"):
+    checkpoint.load_hf(tmp_path)
+  (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 50}))
+  with pytest.raises(ValueError, match="gate_proj.weight' has shape"):
+    checkpoint.load_hf(tmp_path)
