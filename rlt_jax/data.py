@@ -1,0 +1,408 @@
+"""Input pipeline on grain: row sources, bad-row accounting, bucketed fixed-shape batches, resumable iterators.
+
+    ds = make_dataset(["train.jsonl"], fmt, kind="prompt", batch_size=16, buckets=(512, 1024), seed=0)
+    it = iter(ds); batch = next(it); state = it.get_state()   # ... later: it = iter(ds); it.set_state(state)
+
+Order of the stream: the rows of all sources (concatenated) are shuffled with `seed`, differently each epoch, then
+repeated `num_epochs` times (None = forever), then dealt round-robin to processes (`process_index` takes every
+`process_count`-th element of the global stream), then read, validated and tokenized, then batched. Bad rows are
+dropped per process, so use num_epochs=None and a step count for multi-host training (every process then always
+has a next batch).
+
+Kinds (what one batch holds):
+  "prompt"       RL prompts: `prompt_ids`/`prompt_mask` [B, L] left-padded to a bucket, plus lists `question`,
+                 `solution`, `system` (the student prompt from the data, None = format default), `answer`, `where`.
+  "teacher_sft"  teacher warm-up rows (explanation = `reasoning`, else the solution, as the official code does):
+                 `input_ids`, `loss_mask`, `attention_mask` [B, L] right-padded.
+  "student_sft"  student distillation rows (thought = `reasoning`): same arrays.
+L is the smallest of `buckets` that holds the longest row of the batch, so jit sees at most len(buckets) shapes.
+
+Bad rows (formats.BAD_REASONS: missing/empty field, wrong type, over the longest bucket, broken JSON, undecodable
+bytes) are skipped, counted per reason in a RowStats and logged when an epoch ends; with strict=True the first one
+raises BadRowError naming file and line. The counts are part of the iterator state.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from rlt_jax import formats
+
+_log = logging.getLogger(__name__)
+SAMPLE_PATH = pathlib.Path(__file__).resolve().parent / "assets" / "gsm8k_sample.jsonl"
+KINDS = ("prompt", "teacher_sft", "student_sft")
+
+
+class BadRowError(ValueError):
+  """strict=True: a bad row, with file and line in the message."""
+
+
+# ---------------------------------------------------------------------------------------------------------- sources
+@dataclasses.dataclass(frozen=True)
+class RawRecord:
+  where: str    # "path:line" (1-based line) or "path[row i]" (0-based row)
+  payload: Any  # bytes (one JSON document) or a mapping
+
+
+class JsonlSource:
+  """One JSON object per line; lines are read on demand (only the newline offsets are kept in memory)."""
+
+  def __init__(self, path):
+    self.path = str(path)
+    data = np.fromfile(self.path, np.uint8)
+    nl = np.flatnonzero(data == ord("\n"))
+    starts = np.concatenate([[0], nl + 1])
+    ends = np.concatenate([nl, [len(data)]])
+    blank = np.array([not data[s:e].tobytes().strip() for s, e in zip(starts, ends)], bool) if len(data) else \
+        np.ones(1, bool)
+    keep = np.flatnonzero(~blank)  # blank lines (a final newline) are not rows
+    self._starts, self._ends, self._lines = starts[keep], ends[keep], keep + 1
+
+  def __len__(self):
+    return len(self._starts)
+
+  def __getitem__(self, i):
+    with open(self.path, "rb") as f:
+      f.seek(int(self._starts[i]))
+      line = f.read(int(self._ends[i] - self._starts[i]))
+    return RawRecord(f"{self.path}:{int(self._lines[i])}", line)
+
+
+class ParquetSource:
+  def __init__(self, path):
+    import pyarrow.parquet as pq
+    self.path = str(path)
+    self._table = pq.read_table(self.path)
+
+  def __len__(self):
+    return self._table.num_rows
+
+  def __getitem__(self, i):
+    return RawRecord(f"{self.path}[row {i}]", self._table.slice(i, 1).to_pylist()[0])
+
+
+class HFDiskSource:
+  """A Hugging Face `datasets` folder written by `save_to_disk` (a Dataset, or a DatasetDict with `split`)."""
+
+  def __init__(self, path, split: str | None = None):
+    import datasets
+    self.path = str(path)
+    ds = datasets.load_from_disk(self.path)
+    if isinstance(ds, datasets.DatasetDict):
+      if split is None:
+        raise ValueError(f"data: {self.path} holds splits {sorted(ds)}; pass split=")
+      ds = ds[split]
+    self._ds = ds
+
+  def __len__(self):
+    return len(self._ds)
+
+  def __getitem__(self, i):
+    return RawRecord(f"{self.path}[row {i}]", self._ds[int(i)])
+
+
+class TfdsSource:
+  """A TFDS dataset prepared in array_record format (`tfds.data_source`); text features arrive as bytes."""
+
+  def __init__(self, name: str, split: str, data_dir: str | None = None):
+    import tensorflow_datasets as tfds
+    self.label = f"tfds:{name}:{split}"
+    self._src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+
+  def __len__(self):
+    return len(self._src)
+
+  def __getitem__(self, i):
+    return RawRecord(f"{self.label}[row {i}]", self._src[int(i)])
+
+
+class ArrayRecordSource:
+  """A raw .array_record file whose records are JSON documents (bytes)."""
+
+  def __init__(self, path):
+    self.path = str(path)
+    self._src = grain.sources.ArrayRecordDataSource([self.path])
+
+  def __len__(self):
+    return len(self._src)
+
+  def __getitem__(self, i):
+    return RawRecord(f"{self.path}[row {i}]", self._src[int(i)])
+
+
+class ConcatSource:
+  def __init__(self, sources: Sequence[Any]):
+    self.sources = list(sources)
+    self._ends = np.cumsum([len(s) for s in self.sources])
+
+  def __len__(self):
+    return int(self._ends[-1]) if len(self._ends) else 0
+
+  def __getitem__(self, i):
+    k = int(np.searchsorted(self._ends, i, side="right"))
+    return self.sources[k][int(i - (self._ends[k - 1] if k else 0))]
+
+
+def open_source(spec, *, split: str | None = None, data_dir: str | None = None):
+  """A source from a path or spec: *.jsonl, *.parquet, *.array_record, a `save_to_disk` folder, "tfds:NAME:SPLIT"."""
+  if not isinstance(spec, (str, os.PathLike)):
+    return spec  # already a source (len + getitem → RawRecord)
+  s = str(spec)
+  if s.startswith("tfds:"):
+    parts = s.split(":")
+    if len(parts) != 3:
+      raise ValueError(f"data: TFDS spec must be tfds:NAME:SPLIT, got {s!r}")
+    return TfdsSource(parts[1], parts[2], data_dir)
+  p = pathlib.Path(s)
+  if p.is_dir():
+    if any((p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+      return HFDiskSource(p, split)
+    raise ValueError(f"data: {p} is a folder but not a Hugging Face save_to_disk folder")
+  if not p.exists():
+    raise FileNotFoundError(f"data: no such data file {p}")
+  if p.suffix in (".jsonl", ".json"):
+    return JsonlSource(p)
+  if p.suffix == ".parquet":
+    return ParquetSource(p)
+  if ".array_record" in p.name:
+    return ArrayRecordSource(p)
+  raise ValueError(f"data: cannot tell the format of {p} (expected .jsonl, .parquet, .array_record, a folder)")
+
+
+def decode_payload(payload) -> Any:
+  """bytes → parsed JSON (raises BadRow undecodable / broken_json); mappings pass through."""
+  if isinstance(payload, (bytes, bytearray)):
+    try:
+      text = bytes(payload).decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise formats.BadRow("undecodable", f"line is not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+      return json.loads(text)
+    except json.JSONDecodeError as e:
+      raise formats.BadRow("broken_json", f"broken JSON ({e.msg} at column {e.colno})") from None
+  return payload
+
+
+# ---------------------------------------------------------------------------------------------------------- padding
+def pick_bucket(length: int, buckets: Sequence[int]) -> int:
+  for b in sorted(buckets):
+    if length <= b:
+      return int(b)
+  raise ValueError(f"data: length {length} is over the longest bucket {max(buckets)}")
+
+
+def pad_left(seqs: Sequence[np.ndarray], buckets: Sequence[int], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Prompts for sampling: ids [B, L] right-aligned (padding on the left) and a bool mask; L is a bucket."""
+  L = pick_bucket(max(len(s) for s in seqs), buckets)
+  ids = np.full((len(seqs), L), pad_id, np.int32)
+  mask = np.zeros((len(seqs), L), bool)
+  for i, s in enumerate(seqs):
+    if len(s):
+      ids[i, L - len(s):] = s
+      mask[i, L - len(s):] = True
+  return ids, mask
+
+
+def pad_right(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
+  """Equal-length per-row arrays → [B, L] arrays padded on the right ("input_ids" with pad_id, others with 0/False);
+  adds "attention_mask"."""
+  L = pick_bucket(max(len(r["input_ids"]) for r in rows), buckets)
+  out = {}
+  for k, v in rows[0].items():
+    v = np.asarray(v)
+    out[k] = np.full((len(rows), L), pad_id if k == "input_ids" else 0, v.dtype)
+  out["attention_mask"] = np.zeros((len(rows), L), bool)
+  for i, r in enumerate(rows):
+    n = len(r["input_ids"])
+    for k, v in r.items():
+      out[k][i, :n] = v
+    out["attention_mask"][i, :n] = True
+  return out
+
+
+def collate_students(examples: Sequence[formats.StudentExample], buckets: Sequence[int], pad_id: int) -> dict:
+  """Student sequences for the reward: input_ids, explanation_mask, solution_mask, attention_mask [B, L];
+  matched [B]."""
+  out = pad_right([dict(input_ids=e.input_ids, explanation_mask=e.explanation_mask, solution_mask=e.solution_mask)
+                   for e in examples], buckets, pad_id)
+  out["matched"] = np.array([e.matched for e in examples], bool)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------- bad rows
+class RowStats:
+  """Rows used and skipped per reason, for the current epoch and in total; where this epoch's first bad rows were."""
+
+  def __init__(self):
+    self.epoch, self.ok, self.bad = 0, 0, collections.Counter()
+    self.total_ok, self.total_bad = 0, collections.Counter()
+    self.examples: dict[str, list[str]] = collections.defaultdict(list)
+    self._reported = -1
+
+  def add_bad(self, reason: str, where: str):
+    self.bad[reason] += 1
+    self.total_bad[reason] += 1
+    if len(self.examples[reason]) < 3:
+      self.examples[reason].append(where)
+
+  def add_ok(self):
+    self.ok += 1
+    self.total_ok += 1
+
+  def end_epoch(self, next_epoch: int | None = None):
+    """Log the finished epoch's counts once, then start counting `next_epoch`."""
+    if self._reported < self.epoch:
+      self._reported = self.epoch
+      if self.bad:
+        detail = ", ".join(f"{r}: {n} (e.g. {', '.join(self.examples[r])})" for r, n in sorted(self.bad.items()))
+        _log.warning("data: epoch %d: %d rows used, %d skipped: %s", self.epoch, self.ok, sum(self.bad.values()),
+                     detail)
+      else:
+        _log.info("data: epoch %d: %d rows used, none skipped", self.epoch, self.ok)
+    if next_epoch is not None:
+      self.epoch, self.ok, self.bad = next_epoch, 0, collections.Counter()
+      self.examples = collections.defaultdict(list)
+
+  def state(self) -> dict:
+    return dict(epoch=self.epoch, ok=self.ok, bad=dict(self.bad), total_ok=self.total_ok,
+                total_bad=dict(self.total_bad), examples=dict(self.examples), reported=self._reported)
+
+  def load(self, s: dict):
+    self.epoch, self.ok, self.bad = int(s["epoch"]), int(s["ok"]), collections.Counter(s["bad"])
+    self.total_ok, self.total_bad = int(s["total_ok"]), collections.Counter(s["total_bad"])
+    self.examples = collections.defaultdict(list, {k: list(v) for k, v in s["examples"].items()})
+    self._reported = int(s["reported"])
+
+
+class _RowFilterIterator(grain.DatasetIterator):
+  def __init__(self, parent, stats: RowStats, strict: bool):
+    super().__init__(parent)
+    self._rows, self._strict = stats, strict
+
+  def __next__(self):
+    while True:
+      try:
+        item = next(self._parent)
+      except StopIteration:
+        self._rows.end_epoch()
+        raise
+      if item["epoch"] != self._rows.epoch:
+        self._rows.end_epoch(item["epoch"])
+      if item["bad"] is None:
+        self._rows.add_ok()
+        return item["example"]
+      reason, detail = item["bad"]
+      if self._strict:
+        raise BadRowError(f"{item['where']}: bad row ({reason}): {detail}")
+      self._rows.add_bad(reason, item["where"])
+
+  def get_state(self):
+    return {"parent": self._parent.get_state(), "rows": self._rows.state()}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self._rows.load(state["rows"])
+
+
+class _RowFilter(grain.IterDataset):
+  def __init__(self, parent, stats: RowStats | None, strict: bool):
+    super().__init__(parent)
+    self._rows, self._strict = stats, strict
+
+  def __iter__(self):
+    return _RowFilterIterator(self._parent.__iter__(), self._rows or RowStats(), self._strict)
+
+
+# ---------------------------------------------------------------------------------------------------------- pipeline
+class _Encode:
+  """RawRecord → {epoch, where, example | bad}. Runs in grain workers; must not raise on data."""
+
+  def __init__(self, fmt: formats.RLTFormat, kind: str, reader: str, max_len: int, epoch_len: int):
+    self.fmt, self.kind, self.reader, self.max_len, self.epoch_len = fmt, kind, reader, max_len, epoch_len
+
+  def __call__(self, index: int, rec: RawRecord) -> dict:
+    out = {"epoch": index // self.epoch_len, "where": rec.where, "example": None, "bad": None}
+    try:
+      row = formats.read_row(decode_payload(rec.payload), self.reader)
+      out["example"] = self._encode(row, rec.where)
+    except formats.BadRow as e:
+      out["bad"] = (e.reason, e.detail)
+    return out
+
+  def _encode(self, row: dict, where: str) -> dict:
+    f = self.fmt
+    if self.kind == "prompt":
+      ids = f.teacher_prompt(row["question"], row["solution"])
+      n = len(ids)
+      ex = dict(prompt_ids=ids, where=where, **{k: row[k] for k in ("question", "solution", "system", "answer")})
+    elif self.kind == "teacher_sft":
+      sft = f.teacher_sft_example(row["question"], row["solution"], row["reasoning"] or row["solution"])
+      n, ex = len(sft.input_ids), dict(input_ids=sft.input_ids, loss_mask=sft.loss_mask)
+    else:
+      if row["reasoning"] is None:
+        raise formats.BadRow("missing_field", "a student distillation row needs a reasoning trace")
+      sft = f.student_sft_example(row["question"], row["reasoning"], row["solution"], row["system"])
+      n, ex = len(sft.input_ids), dict(input_ids=sft.input_ids, loss_mask=sft.loss_mask)
+    if n > self.max_len:
+      raise formats.BadRow("too_long", f"{n} tokens, over the longest bucket {self.max_len}")
+    return ex
+
+
+class _Collate:
+  def __init__(self, kind: str, buckets: Sequence[int], pad_id: int):
+    self.kind, self.buckets, self.pad_id = kind, tuple(buckets), pad_id
+
+  def __call__(self, rows: Sequence[dict]) -> dict:
+    if self.kind != "prompt":
+      return pad_right(rows, self.buckets, self.pad_id)
+    ids, mask = pad_left([r["prompt_ids"] for r in rows], self.buckets, self.pad_id)
+    out = {"prompt_ids": ids, "prompt_mask": mask}
+    for k in ("question", "solution", "system", "answer", "where"):
+      out[k] = [r[k] for r in rows]
+    return out
+
+
+def make_dataset(sources, fmt: formats.RLTFormat, *, kind: str = "prompt", batch_size: int,
+                 buckets: Sequence[int] = (256, 512, 1024, 2048), seed: int = 0, shuffle: bool = True,
+                 num_epochs: int | None = None, process_index: int | None = None, process_count: int | None = None,
+                 reader: str = "auto", strict: bool = False, stats: RowStats | None = None,
+                 drop_remainder: bool = True, worker_count: int = 0) -> grain.IterDataset:
+  """A grain IterDataset of fixed-shape batches (see the module doc). `sources`: one or more paths/specs/sources.
+  `stats`: a RowStats the iterator counts into (one iterator per RowStats)."""
+  if kind not in KINDS:
+    raise ValueError(f"data: unknown kind {kind!r}; choose one of {KINDS}")
+  if batch_size <= 0 or not buckets or min(buckets) <= 0:
+    raise ValueError(f"data: batch_size ({batch_size}) and every bucket ({buckets}) must be positive")
+  if process_index is None or process_count is None:
+    import jax
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"data: process_index {process_index} must be in [0, process_count={process_count})")
+  sources = list(sources) if isinstance(sources, (list, tuple)) else [sources]
+  src = ConcatSource([open_source(s) for s in sources])
+  if len(src) == 0:
+    raise ValueError(f"data: no rows in {sources}")
+  ds = grain.MapDataset.source(src)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)  # reseeds the shuffle each epoch
+  ds = ds.map_with_index(_Encode(fmt, kind, reader, max(buckets), len(src)))
+  ds = ds[process_index::process_count]
+  it_ds = ds.to_iter_dataset()
+  if worker_count > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  it_ds = _RowFilter(it_ds, stats, strict)
+  return it_ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=_Collate(kind, buckets, fmt.pad_id))
