@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "datasets==5.2.0",  # Hugging Face datasets folders (load_from_disk)
     "pyarrow==26.0.1",  # parquet sources
     "array-record==0.8.6",  # TFDS array_record sources
+    "tensorboard==2.21.0",  # event files for TensorBoard (no TensorFlow needed)
 ]
 
 EXTRAS = {

@@ -1,0 +1,46 @@
+"""The paper's RL recipe: a Qwen2.5-7B teacher (after the SFT warm-up) scored by a frozen 7B student.
+
+  python -m rlt_jax.train --config configs/rlt_qwen2.5_7b.py --workdir runs/rlt_7b \
+      --config.teacher_path=/ckpt/teacher_sft --config.student_path=/ckpt/Bespoke-Stratos-7B \
+      --config.data.path=/data/bespoke_stratos_17k
+
+16 prompts × 64 samples a step at T = 0.7, up to 16,384 new tokens, AdamW 1e-6 constant, β = 0.04 (k3 on
+T-scaled log-probs), reference mix-up α = 0.9 every 32 steps, 125 steps, reward coefficients (1, 0.01) / (3, 0.03).
+"""
+from rlt_jax.run_setup import default_config
+
+
+def get_config():
+  c = default_config()
+  c.workdir = "runs/rlt_qwen2.5_7b"
+  c.seed = 42
+  c.teacher_path = ""  # required: the SFT-warmed Qwen2.5-7B-Instruct teacher (HF directory)
+  c.student_path = ""  # required: bespokelabs/Bespoke-Stratos-7B (HF directory)
+  c.param_dtype = "bfloat16"
+  c.dtype = "bfloat16"
+  c.remat = "full"
+  c.batch_size = 1024   # 16 prompts × 64
+  c.group_size = 64
+  c.max_prompt_len = 16384
+  c.max_new_tokens = 16384
+  c.max_student_len = 32768
+  c.temperature = 0.7
+  c.top_p = 1.0
+  c.steps = 125
+  c.grpo.learning_rate = 1e-6
+  c.grpo.lr_schedule = "constant"
+  c.grpo.beta = 0.04
+  c.grpo.ref_mixup_alpha = 0.9
+  c.grpo.ref_sync_steps = 32
+  c.grpo.weight_decay = 0.0
+  c.grpo.max_grad_norm = 1.0
+  c.grpo.loss_aggregation = "sequence_mean"
+  c.grpo.micro_batches = 256
+  c.reward.answer_log_prob_coeff = (1.0, 0.01)
+  c.reward.kl_penalty_coeff = (3.0, 0.03)
+  c.reward.not_matched_penalty = -1.0
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+  c.checkpoint_every = 25
+  return c

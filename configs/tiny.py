@@ -1,0 +1,27 @@
+"""The default CPU run: tiny random teacher and student built locally, the bundled GSM8K sample, a few minutes.
+
+  python -m rlt_jax.train --config configs/tiny.py --workdir runs/tiny
+"""
+from rlt_jax.run_setup import default_config
+
+
+def get_config():
+  c = default_config()
+  c.workdir = "runs/tiny"
+  c.seed = 0
+  # Short system prompts keep the tiny model's sequences short; the formats stay those of the paper.
+  c.format.teacher_system = ("Give the solution between <|begin_of_solution|> and <|end_of_solution|>, then explain "
+                             "it between <|begin_of_explanation|> and <|end_of_explanation|>.")
+  c.format.student_system = ("Think between <|begin_of_thought|> and <|end_of_thought|>, then give the solution "
+                             "between <|begin_of_solution|> and <|end_of_solution|>.")
+  c.batch_size = 32
+  c.group_size = 8
+  c.max_prompt_len = 384
+  c.max_new_tokens = 48
+  c.max_student_len = 448
+  c.steps = 30
+  c.grpo.learning_rate = 3e-4
+  c.grpo.ref_sync_steps = 10
+  c.logprob_chunk_size = 128
+  c.checkpoint_every = 10
+  return c

@@ -1,0 +1,91 @@
+"""Run outputs: one JSON object a line (`metrics.jsonl`, `completions.jsonl`) and TensorBoard scalars.
+
+Only process 0 writes. On resume, lines of steps after the restored checkpoint are dropped first, so a killed and
+resumed run leaves the same files as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+
+def _plain(v):
+  """JSON-able Python values from NumPy/JAX scalars and arrays; non-finite floats become null."""
+  if isinstance(v, dict):
+    return {k: _plain(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return [_plain(x) for x in v]
+  if isinstance(v, (np.ndarray, jax.Array)):
+    v = np.asarray(v)
+    return _plain(v.item() if v.ndim == 0 else v.tolist())
+  if isinstance(v, (np.floating, float)):
+    return float(v) if math.isfinite(float(v)) else None
+  if isinstance(v, (np.integer, np.bool_)):
+    return v.item()
+  return v
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+  """Keeps the lines whose "step" is at most `last_step` (and drops a torn last line)."""
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if row.get("step", 0) <= last_step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
+
+
+class RunWriter:
+  """metrics.jsonl + completions.jsonl + TensorBoard events under `workdir` (process 0 only)."""
+
+  def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True):
+    self.active = jax.process_index() == 0
+    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+    self.completions_path = os.path.join(workdir, "completions.jsonl")
+    self._tb = None
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    for p in (self.metrics_path, self.completions_path):
+      truncate_jsonl(p, resume_step)
+    if tensorboard:
+      from tensorboard.summary.writer.event_file_writer import EventFileWriter
+      self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict, **extra) -> None:
+    if not self.active:
+      return
+    row = {"step": int(step), **_plain(scalars), **_plain(extra)}
+    with open(self.metrics_path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      from tensorboard.compat.proto import event_pb2, summary_pb2
+      values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in _plain(scalars).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)]
+      self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                         summary=summary_pb2.Summary(value=values)))
+      self._tb.flush()
+
+  def write_completions(self, rows: list[dict]) -> None:
+    if not self.active or not rows:
+      return
+    with open(self.completions_path, "a") as f:
+      for r in rows:
+        f.write(json.dumps(_plain(r)) + "\n")
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()

@@ -1,0 +1,237 @@
+"""Run plumbing shared by the training entry points: the default config, its validation (errors name the field),
+models/tokenizer/mesh/data from config, orbax checkpoints, the progress bar and the end-of-run summary."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from rlt_jax import checkpoint, data, formats, grpo, rewards, sharding, tiny
+from rlt_jax.models.config import ModelConfig
+
+_log = logging.getLogger("rlt_jax")
+
+
+class ConfigError(ValueError):
+  """A bad config value, reported before any work starts."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field of an RL run, with the paper's recipe where it has one (METHOD_SPEC §3, §8)."""
+  c = ml_collections.ConfigDict()
+  c.workdir = "runs/rlt"
+  c.seed = 42
+  c.teacher_path = ""        # HF model dir of the teacher; "" builds tiny random models under <workdir>/tiny_models
+  c.student_path = ""        # HF model dir of the frozen student that scores explanations
+  c.tokenizer_path = ""      # "" = the teacher's directory (teacher and student must share the tokenizer)
+  c.tiny = ml_collections.ConfigDict(dict(vocab_size=1024, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
+                                          warmup_steps=100))
+  c.param_dtype = "float32"
+  c.dtype = "float32"        # compute dtype
+  c.remat = "none"           # none | full | dots
+  c.data = ml_collections.ConfigDict(dict(path="", reader="auto", strict=False))  # path "" = bundled GSM8K sample
+  c.format = ml_collections.ConfigDict(dict(style="stratos", teacher_system="", student_system=""))  # "" = default
+  c.batch_size = 1024        # completions per step (prompts × group_size)
+  c.group_size = 64          # G samples per prompt
+  c.max_prompt_len = 16384
+  c.max_new_tokens = 16384
+  c.max_student_len = 32768
+  c.temperature = 0.7
+  c.top_p = 1.0
+  c.steps = 125
+  c.grpo = ml_collections.ConfigDict(dataclasses.asdict(grpo.GRPOConfig()))
+  c.reward = ml_collections.ConfigDict(dataclasses.asdict(rewards.RewardConfig()))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.sharding_rules = ()      # () = sharding.DEFAULT_RULES; else (logical, mesh axes) pairs
+  c.logprob_chunk_size = 512
+  c.checkpoint_every = 25
+  c.keep_checkpoints = 3
+  c.resume = True
+  c.log_completions_fraction = 0.1
+  c.tensorboard = True
+  c.max_bad_steps = 3
+  c.export_dir = "export"    # under workdir: the final teacher in HF format ("" = none)
+  return c
+
+
+def _field(name, fn, *args, **kw):
+  try:
+    return fn(*args, **kw)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config.{name}: {e}") from None
+
+
+def validate(cfg) -> tuple[grpo.GRPOConfig, rewards.RewardConfig]:
+  """Checks the config before any work; every error names the field."""
+  def need(ok, field, msg):
+    if not ok:
+      raise ConfigError(f"config.{field}={cfg[field] if field in cfg else None!r}: {msg}")
+  need(cfg.group_size >= 1, "group_size", "must be >= 1")
+  need(cfg.batch_size >= 1 and cfg.batch_size % cfg.group_size == 0, "batch_size",
+       f"must be a positive multiple of config.group_size={cfg.group_size}")
+  prompts = cfg.batch_size // cfg.group_size
+  need(prompts % jax.process_count() == 0, "batch_size",
+       f"gives {prompts} prompts a step, not divisible by the {jax.process_count()} processes")
+  for f in ("max_prompt_len", "max_new_tokens", "max_student_len", "steps", "checkpoint_every",
+            "logprob_chunk_size", "max_bad_steps", "keep_checkpoints"):
+    need(int(cfg[f]) >= 1, f, "must be >= 1")
+  need(cfg.temperature > 0, "temperature", "must be > 0 (GRPO needs sampled, not greedy, completions)")
+  need(0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
+  need(0 <= cfg.log_completions_fraction <= 1, "log_completions_fraction", "must be in [0, 1]")
+  for f in ("teacher_path", "student_path", "tokenizer_path"):
+    path = cfg[f]
+    need(not path or os.path.isdir(path), f, "is not a directory")
+    need(not path or f == "tokenizer_path" or os.path.isfile(os.path.join(path, "config.json")), f,
+         "has no config.json (a Hugging Face model directory is expected)")
+  need(bool(cfg.teacher_path) == bool(cfg.student_path), "student_path",
+       "set teacher_path and student_path together (both empty builds tiny local models)")
+  need(not cfg.data.path or os.path.exists(cfg.data.path), "data.path", "does not exist")
+  g = _field("grpo", grpo.GRPOConfig, **cfg.grpo.to_dict())
+  r = _field("reward", rewards.RewardConfig, **cfg.reward.to_dict())
+  need(cfg.batch_size % g.micro_batches == 0, "batch_size",
+       f"must be divisible by config.grpo.micro_batches={g.micro_batches}")
+  need(abs(r.teacher_temperature - cfg.temperature) < 1e-9, "reward.teacher_temperature",
+       f"must equal config.temperature={cfg.temperature}: the reward's teacher log-probs are GRPO's old log-probs")
+  _field("mesh", lambda: [int(v) for v in cfg.mesh.values()])
+  _field("sharding_rules", sharding.normalize_rules, cfg.sharding_rules or sharding.DEFAULT_RULES)
+  return g, r
+
+
+@dataclasses.dataclass
+class RunSetup:
+  config: ml_collections.ConfigDict
+  tokenizer: object
+  fmt: formats.RLTFormat
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  teacher_config: ModelConfig
+  teacher_params: dict
+  student_config: ModelConfig
+  student_params: dict
+  grpo_config: grpo.GRPOConfig
+  reward_config: rewards.RewardConfig
+  dataset: object
+  eos_ids: tuple[int, ...]
+
+
+def _sample_rows(path) -> list[dict]:
+  with open(path) as f:
+    return [formats.read_row(json.loads(line)) for line in f if line.strip()]
+
+
+def setup(cfg, workdir: str) -> RunSetup:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO through absl
+  g, r = validate(cfg)
+  os.makedirs(workdir, exist_ok=True)
+  teacher_path, student_path = cfg.teacher_path, cfg.student_path
+  tok_path = cfg.tokenizer_path or teacher_path
+  if not teacher_path:  # the default tiny run: everything built locally, no network
+    overrides = {k: v for k, v in cfg.format.to_dict().items() if v}
+    paths = tiny.ensure_assets(os.path.join(workdir, "tiny_models"), _sample_rows(data.SAMPLE_PATH),
+                               format_overrides=overrides, **cfg.tiny.to_dict())
+    teacher_path, student_path, tok_path = paths["teacher"], paths["student"], paths["tokenizer"]
+  tokenizer = checkpoint.load_tokenizer(tok_path)
+  overrides = {k: v for k, v in cfg.format.to_dict().items() if k != "style" and v}
+  fmt = _field("format", formats.RLTFormat, tokenizer, style=cfg.format.style, **overrides)
+  mesh = _field("mesh", sharding.make_mesh, cfg.mesh.to_dict())
+  rules = sharding.normalize_rules(cfg.sharding_rules or sharding.DEFAULT_RULES)
+  model_kw = dict(dtype=cfg.dtype, remat=cfg.remat)
+  tc, tp = checkpoint.load_hf(teacher_path, mesh=mesh, dtype=cfg.param_dtype, rules=rules)
+  sc, sp = checkpoint.load_hf(student_path, mesh=mesh, dtype=cfg.param_dtype, rules=rules)
+  if len(tokenizer) > min(tc.vocab_size, sc.vocab_size):
+    raise ConfigError(f"config.tokenizer_path: the tokenizer has {len(tokenizer)} ids but the teacher/student "
+                      f"embeddings have {tc.vocab_size}/{sc.vocab_size} rows")
+  stats = data.RowStats()
+  dataset = data.make_dataset([cfg.data.path or str(data.SAMPLE_PATH)], fmt, kind="prompt",
+                              batch_size=cfg.batch_size // cfg.group_size // jax.process_count(),
+                              buckets=(cfg.max_prompt_len,), seed=cfg.seed, num_epochs=None,
+                              reader=cfg.data.reader, strict=cfg.data.strict, stats=stats)
+  eos_ids = tuple(sorted({i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id)
+                          if isinstance(i, int) and i >= 0}))
+  return RunSetup(cfg, tokenizer, fmt, mesh, rules, tc.replace(**model_kw), tp, sc.replace(**model_kw), sp, g, r,
+                  dataset, eos_ids)
+
+
+class Checkpointer:
+  """Orbax checkpoints of the train state plus the data-iterator state (JSON), async, keeping the last K."""
+
+  def __init__(self, directory: str, keep: int):
+    import orbax.checkpoint as ocp
+    self._ocp = ocp
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                                             create=True))
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state) -> None:
+    ocp = self._ocp
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    data=ocp.args.JsonSave(data_state)))
+
+  def restore_latest(self, state, *, resume: bool):
+    """(state, data-iterator state) of the latest checkpoint, or (state, None) when there is none."""
+    step = self.manager.latest_step()
+    if step is None:
+      return state, None
+    if not resume:
+      raise ConfigError(f"config.resume=False, but {self.directory} holds checkpoints (latest step {step}); "
+                        "use a new workdir or resume=True")
+    ocp = self._ocp
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                             data=ocp.args.JsonRestore()))
+    _log.info("resumed from %s at step %d", self.directory, step)
+    return out["state"], out["data"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+
+def progress(total: int, initial: int):
+  from tqdm import tqdm
+  return tqdm(total=total, initial=initial, desc="rlt", unit="step", disable=jax.process_index() != 0,
+              dynamic_ncols=True)
+
+
+def completion_rows(rs: RunSetup, step: int, batch, ro, reward, rm) -> list[dict]:
+  """A seeded fraction of the step's completions, with their rewards, for completions.jsonl."""
+  n = len(ro["lengths"])
+  pick = np.flatnonzero(np.random.RandomState(step).rand(n) < rs.config.log_completions_fraction)
+  reward = np.asarray(reward)
+  G = rs.config.group_size
+  rows = []
+  for i in pick:
+    ex = ro["examples"][i]
+    rows.append({"step": step, "row": batch["where"][i // G], "question": batch["question"][i // G],
+                 "explanation": ex.explanation_text, "matched": ex.matched, "length": int(ro["lengths"][i]),
+                 "reward": float(reward[i]), "r_ss": float(np.asarray(rm["r_ss"])[i]),
+                 "r_kl": float(np.asarray(rm["r_kl"])[i])})
+  return rows
+
+
+def print_summary(workdir: str, start: int, steps: int) -> None:
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "metrics.jsonl")
+  with open(path) as f:
+    rows = [json.loads(line) for line in f]
+  if not rows:
+    return
+  first, last = rows[:5], rows[-5:]
+  mean = lambda rs, k: float(np.mean([r[k] for r in rs if r.get(k) is not None]))  # noqa: E731
+  times = {k: mean(rows, f"time_{k}") for k in ("sample", "reward", "update")}
+  print(f"\nrlt_jax: {steps - start} steps this run, {len(rows)} in {workdir}\n"
+        f"  reward  first 5: {mean(first, 'reward_mean'):+.4f}   last 5: {mean(last, 'reward_mean'):+.4f}\n"
+        f"  match rate last 5: {mean(last, 'match_rate'):.2f}   completion length last 5: "
+        f"{mean(last, 'completion_len_mean'):.1f}\n"
+        f"  seconds a step: sample {times['sample']:.2f}, reward {times['reward']:.2f}, update {times['update']:.2f}\n"
+        f"  metrics: {path}")

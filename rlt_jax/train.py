@@ -1,0 +1,204 @@
+"""GRPO training of an RLT teacher: data → sample → reward → update, each stage compiled once.
+
+  python -m rlt_jax.train --config configs/tiny.py [--workdir DIR] [--config.steps=10 ...]
+
+One step: a batch of prompts (question + reference solution) → G explanations per prompt from the current teacher
+(`sampling`) → student examples spliced at the id level (`formats`) → RLT rewards from teacher and student log-probs
+(`rewards`, whose teacher log-probs are reused as GRPO's old log-probs) → group advantages → one optax update
+(`grpo`). Teacher, reference and student live on one mesh. A restart in the same workdir resumes from the last
+checkpoint (params, optimizer, reference, step, data-iterator state; the sampling key is derived from the step).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlt_jax import checkpoint, data, grpo, metrics, rewards, run_setup, sampling, sharding
+
+_log = logging.getLogger("rlt_jax.train")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Everything static in the compiled update (hashable)."""
+  teacher: object
+  grpo: grpo.GRPOConfig
+  temperature: float
+  completion_len: int
+  chunk_size: int
+
+
+def _train_step(sc: StepConfig, optimizer, state, batch):
+  """One GRPO update. `batch`: teacher ids/mask [B, P+N] (left-padded prompt, then the completion), the reward's
+  teacher log-probs [B, P+N] (= old log-probs), advantages [B]. Non-finite loss or gradients skip the update."""
+  N = sc.completion_len
+  ids, mask = batch["ids"], batch["mask"]
+  completion_mask = mask[:, -N:]  # completion tokens up to and including eos (all of them when truncated)
+  logp_fn = lambda p: rewards.token_logprobs(sc.teacher, p, ids, mask, temperature=sc.temperature,  # noqa: E731
+                                             chunk_size=sc.chunk_size)
+  old = batch["old_logp"][:, -N:]
+  ref = jax.lax.stop_gradient(logp_fn(state["ref_params"])[:, -N:]) if sc.grpo.beta > 0 else old
+  parts = {"ids": ids, "mask": mask, "old": old, "ref": ref, "adv": batch["advantages"], "cmask": completion_mask}
+  denominators = (ids.shape[0], jnp.sum(completion_mask))
+
+  def loss_fn(params, b):
+    lp = rewards.token_logprobs(sc.teacher, params, b["ids"], b["mask"], temperature=sc.temperature,
+                                chunk_size=sc.chunk_size)[:, -N:]
+    return grpo.policy_loss(lp, b["old"], b["ref"], b["adv"], b["cmask"], sc.grpo, denominators=denominators)
+
+  grads, m = grpo.accumulate_gradients(loss_fn, state["params"], parts, sc.grpo.micro_batches)
+  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+  finite = jnp.isfinite(grad_norm) & jnp.isfinite(m["loss"])
+  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+  params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
+  keep = lambda new, old_: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old_)  # noqa: E731
+  params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
+  step = state["step"] + 1
+  ref_params = state["ref_params"]
+  if sc.grpo.ref_sync_steps > 0 and sc.grpo.beta > 0:
+    ref_params = jax.lax.cond(step % sc.grpo.ref_sync_steps == 0,
+                              lambda: grpo.mix_reference(ref_params, params, sc.grpo.ref_mixup_alpha),
+                              lambda: ref_params)
+  new_state = {"params": params, "opt_state": opt_state, "ref_params": ref_params, "step": step,
+               "bad_steps": jnp.where(finite, 0, state["bad_steps"] + 1)}
+  m = dict(m, grad_norm=grad_norm, skipped=~finite, lr=grpo.learning_rate_schedule(sc.grpo)(state["step"]))
+  return new_state, m
+
+
+def rollout(rs: run_setup.RunSetup, params, batch: dict, step: int):
+  """Samples G completions per prompt and lays out the teacher and student sequences (host NumPy)."""
+  cfg, G = rs.config, rs.config.group_size
+  key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+  with sharding.use_mesh(rs.mesh, rs.rules):
+    out = sampling.sample(rs.teacher_config, params, batch["prompt_ids"], batch["prompt_mask"], key,
+                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                          top_p=cfg.top_p if cfg.top_p < 1 else None, eos_ids=rs.eos_ids, num_samples=G,
+                          pad_id=rs.fmt.pad_id)
+  tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+  rep = lambda xs: [x for x in xs for _ in range(G)]  # noqa: E731  rows b·G … b·G+G−1 belong to prompt b
+  prompt_ids, prompt_mask = np.repeat(batch["prompt_ids"], G, 0), np.repeat(batch["prompt_mask"], G, 0)
+  prompt_lens = prompt_mask.sum(1)
+  completions = [tokens[i, :lengths[i]] for i in range(len(tokens))]
+  examples = rs.fmt.student_examples(rep(batch["question"]), rep(batch["solution"]), completions,
+                                     systems=rep(batch["system"]), prompt_lens=list(prompt_lens))
+  student = data.collate_students(examples, (cfg.max_student_len,), rs.fmt.pad_id)
+  P, N = prompt_ids.shape[1], cfg.max_new_tokens
+  completion_mask = np.arange(N)[None] < lengths[:, None]
+  teacher_expl = np.zeros((len(tokens), P + N), bool)
+  for i, ex in enumerate(examples):
+    part = ex.teacher_explanation_mask[prompt_lens[i]:]
+    teacher_expl[i, P:P + len(part)] = part
+  return dict(teacher_ids=np.concatenate([prompt_ids, tokens], 1).astype(np.int32),
+              teacher_mask=np.concatenate([prompt_mask, completion_mask], 1), teacher_expl=teacher_expl,
+              student=student, lengths=lengths, examples=examples)
+
+
+def _summary_scalars(reward, rm: dict, upd: dict, ro: dict, advantages, max_new_tokens: int) -> dict:
+  r = np.asarray(reward)
+  mean = lambda k: float(np.mean(np.asarray(rm[k])))  # noqa: E731
+  return {
+      "reward_mean": float(r.mean()), "reward_std": float(r.std()),
+      "r_ss": mean("r_ss"), "solution_logp_mean": mean("solution_logp_mean"),
+      "solution_logp_min": mean("solution_logp_min"), "r_kl": mean("r_kl"), "kl_mean": mean("kl_mean"),
+      "kl_max": mean("kl_max"), "r_kl_no_entropy": mean("r_kl_no_entropy"),
+      "match_rate": float(np.mean(ro["student"]["matched"])), "advantage_std": float(np.std(advantages)),
+      "kl_to_ref": float(upd["kl_to_ref"]), "loss": float(upd["loss"]), "clip_fraction": float(upd["clip_fraction"]),
+      "grad_norm": float(upd["grad_norm"]), "lr": float(upd["lr"]), "skipped": bool(upd["skipped"]),
+      "completion_len_mean": float(ro["lengths"].mean()), "completion_len_max": int(ro["lengths"].max()),
+      "truncated_fraction": float(np.mean(~ro["student"]["matched"] & (ro["lengths"] >= max_new_tokens))),
+  }
+
+
+def run(cfg, workdir: str) -> dict:
+  """Trains for `cfg.steps` steps in `workdir` (resuming there if it holds checkpoints); returns the last metrics."""
+  rs = run_setup.setup(cfg, workdir)
+  sc = StepConfig(rs.teacher_config, rs.grpo_config, float(cfg.temperature), int(cfg.max_new_tokens),
+                  int(cfg.logprob_chunk_size))
+  optimizer = grpo.make_optimizer(rs.grpo_config)
+  replicated = jax.sharding.NamedSharding(rs.mesh, jax.sharding.PartitionSpec())
+  state = {"params": rs.teacher_params, "opt_state": jax.jit(optimizer.init)(rs.teacher_params),
+           "ref_params": jax.tree.map(jnp.copy, rs.teacher_params), "step": jnp.zeros((), jnp.int32),
+           "bad_steps": jnp.zeros((), jnp.int32)}
+  # Everything on the mesh (scalars such as Adam's count replicated) ...
+  state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
+                       else jax.device_put(x, replicated), state)
+  # Fixed in/out shardings: the state keeps one layout from step to step, so the update compiles exactly once.
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  train_step = jax.jit(lambda s, b: _train_step(sc, optimizer, s, b), donate_argnums=0,
+                       in_shardings=(state_shardings, None), out_shardings=(state_shardings, None))
+  ckpt = run_setup.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
+  state, data_state = ckpt.restore_latest(state, resume=cfg.resume)
+  it = iter(rs.dataset)
+  if data_state is not None:
+    it.set_state(data_state)
+  start = int(state["step"])
+  writer = metrics.RunWriter(workdir, resume_step=start, tensorboard=cfg.tensorboard)
+  bar = run_setup.progress(cfg.steps, start)
+  last = {}
+  for step in range(start, cfg.steps):
+    t0 = time.perf_counter()
+    batch = next(it)
+    ro = rollout(rs, state["params"], batch, step)
+    t1 = time.perf_counter()
+    st = ro["student"]
+    with sharding.use_mesh(rs.mesh, rs.rules):
+      reward, rm, teacher_logp = rewards.rlt_rewards(
+          rs.teacher_config, state["params"], rs.student_config, rs.student_params, ro["teacher_ids"],
+          ro["teacher_mask"], ro["teacher_expl"], st["input_ids"], st["attention_mask"], st["explanation_mask"],
+          st["solution_mask"], st["matched"], rs.reward_config, chunk_size=cfg.logprob_chunk_size)
+      advantages = grpo.group_advantages(reward, cfg.group_size, eps=rs.grpo_config.advantage_eps,
+                                         scale=rs.grpo_config.advantage_scale)
+      jax.block_until_ready(advantages)
+      t2 = time.perf_counter()
+      state, upd = train_step(state, {"ids": ro["teacher_ids"], "mask": ro["teacher_mask"],
+                                      "old_logp": teacher_logp, "advantages": advantages})
+      upd = jax.device_get(upd)
+    t3 = time.perf_counter()
+    last = _summary_scalars(reward, rm, upd, ro, np.asarray(advantages), cfg.max_new_tokens)
+    last.update(time_sample=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2,
+                tokens_per_s=float(ro["lengths"].sum()) / (t3 - t0))
+    writer.write(step + 1, last, rows=batch["where"])
+    writer.write_completions(run_setup.completion_rows(rs, step + 1, batch, ro, reward, rm))
+    bar.update(1)
+    bar.set_postfix(reward=f"{last['reward_mean']:.3f}", match=f"{last['match_rate']:.2f}")
+    if int(state["bad_steps"]) >= cfg.max_bad_steps:
+      ckpt.wait()
+      writer.close()
+      raise FloatingPointError(
+          f"{cfg.max_bad_steps} steps in a row had a non-finite loss or gradient (last at step {step + 1}); "
+          f"stopped. The last good checkpoint is in {ckpt.directory} (step {ckpt.latest_step()}).")
+    if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+      ckpt.save(step + 1, state, it.get_state())
+  ckpt.wait()
+  bar.close()
+  writer.close()
+  if cfg.export_dir:  # every process joins the gather; process 0 writes
+    checkpoint.save_hf(rs.teacher_config, state["params"], os.path.join(workdir, cfg.export_dir),
+                       tokenizer=rs.tokenizer)
+  run_setup.print_summary(workdir, start, cfg.steps)
+  return last
+
+
+def _main(cfg, workdir):
+  try:
+    run(cfg, workdir or cfg.workdir)
+  except run_setup.ConfigError as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "An ml_collections config file (configs/*.py).",
+                                            lock_config=True)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: the config's `workdir`).")
+  flags.mark_flag_as_required("config")
+  app.run(lambda argv: _main(_CONFIG.value, _WORKDIR.value))
