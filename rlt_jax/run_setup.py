@@ -47,6 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.grpo = ml_collections.ConfigDict(dataclasses.asdict(grpo.GRPOConfig()))
   c.reward = ml_collections.ConfigDict(dataclasses.asdict(rewards.RewardConfig()))
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.num_devices = 0          # 0 = every device; n = only the first n (to compare layouts on one machine)
   c.sharding_rules = ()      # () = sharding.DEFAULT_RULES; else (logical, mesh axes) pairs
   c.logprob_chunk_size = 512
   c.checkpoint_every = 25
@@ -139,7 +140,8 @@ def setup(cfg, workdir: str) -> RunSetup:
   tokenizer = checkpoint.load_tokenizer(tok_path)
   overrides = {k: v for k, v in cfg.format.to_dict().items() if k != "style" and v}
   fmt = _field("format", formats.RLTFormat, tokenizer, style=cfg.format.style, **overrides)
-  mesh = _field("mesh", sharding.make_mesh, cfg.mesh.to_dict())
+  devices = jax.devices()[:cfg.num_devices] if cfg.num_devices else None
+  mesh = _field("mesh", sharding.make_mesh, cfg.mesh.to_dict(), devices)
   rules = sharding.normalize_rules(cfg.sharding_rules or sharding.DEFAULT_RULES)
   model_kw = dict(dtype=cfg.dtype, remat=cfg.remat)
   tc, tp = checkpoint.load_hf(teacher_path, mesh=mesh, dtype=cfg.param_dtype, rules=rules)

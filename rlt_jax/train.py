@@ -116,8 +116,11 @@ def _summary_scalars(reward, rm: dict, upd: dict, ro: dict, advantages, max_new_
   }
 
 
-def run(cfg, workdir: str) -> dict:
-  """Trains for `cfg.steps` steps in `workdir` (resuming there if it holds checkpoints); returns the last metrics."""
+def run(cfg, workdir: str, *, on_step=None) -> dict:
+  """Trains for `cfg.steps` steps in `workdir` (resuming there if it holds checkpoints); returns the last metrics.
+
+  `on_step(step, metrics)`, if given, is called after every step (tests and notebooks use it).
+  """
   rs = run_setup.setup(cfg, workdir)
   sc = StepConfig(rs.teacher_config, rs.grpo_config, float(cfg.temperature), int(cfg.max_new_tokens),
                   int(cfg.logprob_chunk_size))
@@ -167,6 +170,8 @@ def run(cfg, workdir: str) -> dict:
     writer.write(step + 1, last, rows=batch["where"])
     writer.write_completions(run_setup.completion_rows(rs, step + 1, batch, ro, reward, rm))
     bar.update(1)
+    if on_step is not None:
+      on_step(step + 1, last)
     bar.set_postfix(reward=f"{last['reward_mean']:.3f}", match=f"{last['match_rate']:.2f}")
     if int(state["bad_steps"]) >= cfg.max_bad_steps:
       ckpt.wait()

@@ -25,3 +25,23 @@ def shared_data() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def qwen_dir(shared_data) -> pathlib.Path:
   return shared_data / "qwen2.5-0.5b-instruct"
+
+
+def tiny_module_config():
+  """configs/tiny.py's get_config()."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "tiny.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+  """The default tiny run's tokenizer, teacher and student (built once per test session, as the run builds them)."""
+  import json
+  from rlt_jax import data, formats, tiny
+  cfg = tiny_module_config()
+  rows = [formats.read_row(json.loads(line)) for line in open(data.SAMPLE_PATH)]
+  overrides = {k: v for k, v in cfg.format.to_dict().items() if v}
+  return tiny.ensure_assets(tmp_path_factory.mktemp("assets"), rows, format_overrides=overrides, **cfg.tiny.to_dict())
