@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from jax.sharding import PartitionSpec as P
 
 from hf_models import hf_logits, make_hf_model
-from rlt_jax import checkpoint, models
+from rlt_jax import checkpoint, models, sharding
+from rlt_jax.models import qwen2
 
 jit_forward = jax.jit(models.forward, static_argnums=0)
 
@@ -172,3 +174,145 @@ def test_load_hf_names_missing_and_misshapen_tensors(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 50}))
   with pytest.raises(ValueError, match="gate_proj.weight' has shape"):
     checkpoint.load_hf(tmp_path)
+
+
+# ----------------------------------------------------------------------------------- memory-bounded attention
+LONG_T, BLOCK = 40, 8  # 5 blocks of 8, padded to 6 (3 pairs): exercises the pairing and the dummy tail
+
+
+def long_batch(vocab, seed=2):
+  """Five rows of 40: full, left-padded, right-padded, both, and all padding (every query sees no key)."""
+  ids = np.random.RandomState(seed).randint(0, vocab, (5, LONG_T))
+  mask = np.ones((5, LONG_T), np.int32)
+  mask[1, :13] = 0
+  mask[2, 29:] = 0
+  mask[3, :3] = 0
+  mask[3, 33:] = 0
+  mask[4] = 0
+  return ids, mask
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory):
+  path = tmp_path_factory.mktemp("long")
+  hf = make_hf_model(path)
+  config, params = checkpoint.load_hf(path)
+  assert BLOCK < LONG_T <= qwen2.attention_block_size(config)  # by default these 40 tokens take the dense path
+  return hf, config, params
+
+
+def test_blocked_attention_matches_dense_path_and_transformers(long_model):
+  hf, config, params = long_model
+  ids, mask = long_batch(config.vocab_size)
+  blocked = np.asarray(jit_forward(config.replace(attention_block=BLOCK), params, ids, mask))
+  dense = np.asarray(jit_forward(config, params, ids, mask))
+  real = mask.astype(bool)
+  assert np.isfinite(blocked).all()  # padding rows (row 4 has no visible key anywhere) stay finite
+  np.testing.assert_allclose(blocked[real], dense[real], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(blocked[real], hf_logits(hf, ids, mask)[real], atol=1e-5, rtol=0)
+
+
+def test_blocked_attention_with_segment_ids_matches_each_segment_alone(long_model):
+  """Packed rows (positions restart per segment) against transformers run on every segment separately."""
+  hf, config, params = long_model
+  ids, _ = long_batch(config.vocab_size, seed=3)
+  ids = ids[:2]
+  bounds = [[(0, 17), (17, 40)], [(0, 9), (9, 30), (30, 34)]]  # row 1 ends in 6 padding tokens
+  mask, seg, pos = np.zeros((2, LONG_T), np.int32), np.full((2, LONG_T), 9, np.int32), np.zeros((2, LONG_T), np.int32)
+  for r, spans in enumerate(bounds):
+    for i, (a, b) in enumerate(spans):
+      mask[r, a:b], seg[r, a:b], pos[r, a:b] = 1, i, np.arange(b - a)
+  out = {blk: np.asarray(jit_forward(config.replace(attention_block=blk), params, ids, mask, positions=pos,
+                                     segment_ids=seg)) for blk in (BLOCK, LONG_T)}
+  real = mask.astype(bool)
+  np.testing.assert_allclose(out[BLOCK][real], out[LONG_T][real], atol=1e-5, rtol=0)
+  for r, spans in enumerate(bounds):
+    for a, b in spans:
+      alone = hf_logits(hf, ids[r:r + 1, a:b], np.ones((1, b - a), np.int32))[0]
+      np.testing.assert_allclose(out[BLOCK][r, a:b], alone, atol=1e-5, rtol=0)
+
+
+def test_blocked_attention_gradients_equal_dense(long_model):
+  _, config, params = long_model
+  ids, mask = long_batch(config.vocab_size, seed=4)
+  real = jnp.asarray(mask, bool)
+
+  def loss(cfg, p):  # log-likelihood of the next token over real positions only (padding rows differ by design)
+    lp = jax.nn.log_softmax(models.forward(cfg, p, ids, mask)[:, :-1])
+    picked = jnp.take_along_axis(lp, jnp.asarray(ids)[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(real[:, 1:] & real[:, :-1], picked, 0.0))
+
+  grad = jax.jit(jax.grad(loss, argnums=1), static_argnums=0)
+  g_blocked, g_dense = grad(config.replace(attention_block=BLOCK), params), grad(config, params)
+  for leaf in jax.tree.leaves(g_blocked):
+    assert np.isfinite(np.asarray(leaf)).all()
+  scale = max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(g_dense))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * scale, rtol=0),
+               g_blocked, g_dense)
+
+
+def _avals(jaxpr):
+  """Every value produced anywhere in a jaxpr, sub-jaxprs (scan, map, checkpoint, pjit) included."""
+  for eqn in jaxpr.eqns:
+    yield from (v.aval for v in eqn.outvars)
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+        if hasattr(sub, "eqns"):
+          yield from _avals(sub)
+        elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+          yield from _avals(sub.jaxpr)
+
+
+def test_blocked_forward_and_gradient_hold_no_length_squared_array():
+  """With T above every model dimension, any array whose last two dims are both >= T is an O(T²) score/mask."""
+  config = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                              num_kv_heads=2, head_dim=8, attention_block=16)
+  T = 80
+  params = models.param_shapes(config)
+  ids = jax.ShapeDtypeStruct((2, T), jnp.int32)
+
+  def quadratic(cfg):
+    fwd = lambda p, i: models.forward(cfg, p, i, i > 0, segment_ids=i % 2)  # noqa: E731
+    found = []
+    for fn in (fwd, jax.grad(lambda p, i: jnp.sum(fwd(p, i)))):
+      jaxpr = jax.make_jaxpr(fn)(params, ids).jaxpr
+      found += [a.shape for a in _avals(jaxpr) if len(getattr(a, "shape", ())) >= 2 and min(a.shape[-2:]) >= T]
+    return found
+
+  assert quadratic(config) == []
+  assert quadratic(config.replace(attention_block=T))  # the dense path does build them: the check can fail
+
+
+def test_attention_block_must_be_positive():
+  with pytest.raises(ValueError, match=r"ModelConfig.attention_block=0: expected None \(automatic\) or an int >= 1"):
+    models.ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
+                       head_dim=4, attention_block=0)
+  config = models.ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+                              num_kv_heads=1, head_dim=4)
+  assert qwen2.attention_block_size(config) == 64  # the tests run on CPU
+  assert qwen2.attention_block_size(config.replace(attention_block=7)) == 7
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 4, 2)])
+def test_sharded_blocked_forward_without_involuntary_remat(long_model, shape, tmp_path, capfd):
+  """Embedding table sharded on vocab (tensor) and embed (fsdp): the lookup must not replicate it (XLA warns on
+  stderr when it has to), and the sharded blocked forward equals the single-device one."""
+  hf, config, _ = long_model
+  hf.save_pretrained(tmp_path)
+  config = config.replace(attention_block=BLOCK)
+  ids, mask = long_batch(config.vocab_size)
+  ids, mask = np.concatenate([ids, ids[:3]]), np.concatenate([mask, mask[:3]])  # 8 rows: divisible by the batch axes
+  _, params = checkpoint.load_hf(tmp_path)
+  expected = np.asarray(jit_forward(config, params, ids, mask))
+  mesh = sharding.make_mesh(shape)
+  _, params = checkpoint.load_hf(tmp_path, mesh=mesh)
+  assert params["embed"]["embedding"].sharding.spec == P("tensor", "fsdp")
+  capfd.readouterr()
+  with sharding.use_mesh(mesh):
+    batch = sharding.batch_sharding(mesh, 2)
+    out = jax.jit(models.forward, static_argnums=0)(config, params, jax.device_put(ids, batch),
+                                                    jax.device_put(mask, batch))
+    out = np.asarray(out)
+  assert "Involuntary full rematerialization" not in capfd.readouterr().err
+  real = mask.astype(bool)
+  np.testing.assert_allclose(out[real], expected[real], atol=1e-5, rtol=0)

@@ -36,6 +36,10 @@ class ModelConfig:
   dtype: str = "float32"           # compute dtype of activations and matmuls
   remat: str = "none"              # activation checkpointing per layer: none | full | dots
   attention_impl: str | None = None  # jax.nn.dot_product_attention implementation: None (XLA) | "cudnn"
+  # Tile size of the memory-bounded attention that `forward_hidden` uses for sequences longer than one block (with
+  # attention_impl None): [B, H, block, block] score tiles instead of [B, H, T, T]. None: 64 on CPU (cache-sized
+  # tiles), 512 on accelerators (fewer loop steps). A runtime knob, not stored in HF files.
+  attention_block: int | None = None
 
   def __post_init__(self):
     for field in ("param_dtype", "dtype"):
@@ -43,6 +47,9 @@ class ModelConfig:
         raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: expected one of {sorted(_DTYPES)}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"ModelConfig.remat={self.remat!r}: expected one of {REMAT_POLICIES}")
+    block = self.attention_block
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+      raise ValueError(f"ModelConfig.attention_block={block!r}: expected None (automatic) or an int >= 1")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"ModelConfig: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
