@@ -149,6 +149,7 @@ def setup(cfg, workdir: str) -> RunSetup:
   if len(tokenizer) > min(tc.vocab_size, sc.vocab_size):
     raise ConfigError(f"config.tokenizer_path: the tokenizer has {len(tokenizer)} ids but the teacher/student "
                       f"embeddings have {tc.vocab_size}/{sc.vocab_size} rows")
+  _check_student_len(cfg, fmt)
   stats = data.RowStats()
   dataset = data.make_dataset([cfg.data.path or str(data.SAMPLE_PATH)], fmt, kind="prompt",
                               batch_size=cfg.batch_size // cfg.group_size // jax.process_count(),
@@ -158,6 +159,19 @@ def setup(cfg, workdir: str) -> RunSetup:
                           if isinstance(i, int) and i >= 0}))
   return RunSetup(cfg, tokenizer, fmt, mesh, rules, tc.replace(**model_kw), tp, sc.replace(**model_kw), sp, g, r,
                   dataset, eos_ids)
+
+
+def _check_student_len(cfg, fmt: formats.RLTFormat) -> None:
+  """The student sequence = teacher prompt − teacher chat overhead + student chat overhead + completion; a config
+  whose `max_student_len` cannot hold the longest one fails here, not in the middle of a run."""
+  question, solution = "q", "s"
+  prompt = len(fmt.teacher_prompt(question, solution))
+  student = len(fmt.student_example(question, solution, np.zeros(0, np.int32)).input_ids)
+  need = cfg.max_prompt_len - prompt + student + cfg.max_new_tokens + 8  # 8: BPE merges at the splice points
+  if cfg.max_student_len < need:
+    raise ConfigError(f"config.max_student_len={cfg.max_student_len}: student sequences can reach {need} tokens "
+                      f"with max_prompt_len={cfg.max_prompt_len} and max_new_tokens={cfg.max_new_tokens}; "
+                      f"set it to at least {need}")
 
 
 class Checkpointer:

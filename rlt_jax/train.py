@@ -11,7 +11,6 @@ checkpoint (params, optimizer, reference, step, data-iterator state; the samplin
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import sys
 import time
@@ -21,8 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlt_jax import checkpoint, data, grpo, metrics, rewards, run_setup, sampling, sharding
-
-_log = logging.getLogger("rlt_jax.train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +88,9 @@ def rollout(rs: run_setup.RunSetup, params, batch: dict, step: int):
   student = data.collate_students(examples, (cfg.max_student_len,), rs.fmt.pad_id)
   P, N = prompt_ids.shape[1], cfg.max_new_tokens
   completion_mask = np.arange(N)[None] < lengths[:, None]
-  teacher_expl = np.zeros((len(tokens), P + N), bool)
-  for i, ex in enumerate(examples):
-    part = ex.teacher_explanation_mask[prompt_lens[i]:]
-    teacher_expl[i, P:P + len(part)] = part
+  # The explanation is the first `explanation_len` sampled ids, i.e. columns P … P+k−1 of [prompt | completion].
+  k = np.array([ex.explanation_len for ex in examples])[:, None]
+  teacher_expl = (np.arange(P + N)[None] >= P) & (np.arange(P + N)[None] < P + k)
   return dict(teacher_ids=np.concatenate([prompt_ids, tokens], 1).astype(np.int32),
               teacher_mask=np.concatenate([prompt_mask, completion_mask], 1), teacher_expl=teacher_expl,
               student=student, lengths=lengths, examples=examples)
