@@ -27,6 +27,20 @@ def qwen_dir(shared_data) -> pathlib.Path:
   return shared_data / "qwen2.5-0.5b-instruct"
 
 
+@pytest.fixture(scope="session")
+def tok(qwen_dir):
+  """The real Qwen2.5 tokenizer."""
+  from rlt_jax import checkpoint
+  return checkpoint.load_tokenizer(qwen_dir)
+
+
+@pytest.fixture(scope="session")
+def fmt(tok):
+  """The default (Stratos) RLT format on the real tokenizer."""
+  from rlt_jax.formats import RLTFormat
+  return RLTFormat(tok)
+
+
 def tiny_module_config():
   """configs/tiny.py's get_config()."""
   import importlib.util

@@ -12,17 +12,6 @@ END = "<|end_of_explanation|>"
 
 
 @pytest.fixture(scope="module")
-def tok(qwen_dir):
-  from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(str(qwen_dir))
-
-
-@pytest.fixture(scope="module")
-def fmt(tok):
-  return RLTFormat(tok)
-
-
-@pytest.fixture(scope="module")
 def rows(shared_data):
   lines = (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()
   return [json.loads(l) for l in lines[:20]]

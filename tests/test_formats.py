@@ -11,17 +11,6 @@ END = "<|end_of_explanation|>"
 
 
 @pytest.fixture(scope="module")
-def tok(qwen_dir):
-  from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(str(qwen_dir))
-
-
-@pytest.fixture(scope="module")
-def fmt(tok):
-  return RLTFormat(tok)
-
-
-@pytest.fixture(scope="module")
 def gsm8k(shared_data):
   rows = [json.loads(l) for l in (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines() if l.strip()]
   assert len(rows) == 7473
