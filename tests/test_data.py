@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from rlt_jax import data, formats
-from rlt_jax.formats import RLTFormat
 
 END = "<|end_of_explanation|>"
 
