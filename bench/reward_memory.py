@@ -10,7 +10,8 @@ output bytes, reported as MiB above the params (the argument bytes of the params
 2 ms during the call (peak minus the RSS just before it); `--run-peer` does the same for the peer (needs ~20 GiB).
 
 Two depths are reported: 0 decoder layers (only the vocabulary side, which is what the chunking bounds) and
-`--layers` (default 1; its attention is qwen2's plain O(T^2) softmax and counts in both columns). The RESULT line
+`--layers` (default 1; both columns run the same decoder, whose blocked attention holds O(block·T), not O(T^2)).
+The RESULT line
 is the `--layers` model, forward only.
 
   python bench/reward_memory.py [--seq 16384] [--vocab 151936] [--layers 1] [--chunk 512] [--no-rss] [--run-peer]
@@ -128,7 +129,7 @@ def main():
   result = None
   for layers in sorted({0, args.layers}):
     mib, param_mib = compiled_mib(args, layers)
-    what = "vocabulary side only" if layers == 0 else "attention is O(T^2) in both"
+    what = "vocabulary side only" if layers == 0 else "same blocked-attention decoder in both"
     print(f"layers={layers} ({what}), params {param_mib:.1f} MiB:")
     for kind in ("", "_grad"):
       o, p = mib["ours" + kind], mib["peer" + kind]
