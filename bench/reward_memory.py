@@ -11,8 +11,7 @@ output bytes, reported as MiB above the params (the argument bytes of the params
 
 Two depths are reported: 0 decoder layers (only the vocabulary side, which is what the chunking bounds) and
 `--layers` (default 1; both columns run the same decoder, whose blocked attention holds O(block·T), not O(T^2)).
-The RESULT line
-is the `--layers` model, forward only.
+The RESULT line is the `--layers` model, forward only.
 
   python bench/reward_memory.py [--seq 16384] [--vocab 151936] [--layers 1] [--chunk 512] [--no-rss] [--run-peer]
 Last line: RESULT reward_memory ours=<MiB> peer=<MiB> ratio=<r>
