@@ -6,9 +6,9 @@ the sampler reads the same params pytree (sharded or not) that the trainer updat
 Two jitted programs:
   `prefill`  runs the B prompts once (not B·M times) and keeps their keys/values: the prompt cache [L, B, P, K, E].
   `decode`   one `lax.while_loop` over new tokens. Each of the M samples of prompt b attends to prompt b's cache (the
-             queries are grouped as [B, M]) plus its own generation cache [L, B·M, T−1, K, E], and the loop stops as
-             soon as every row has finished. The two softmax parts are combined exactly (one softmax over the
-             concatenated scores), so sharing the prompt cache changes nothing numerically.
+             queries are grouped as [B, M]) plus its own generation cache [L, B·M, K, T−1, E], and the loop stops as
+             soon as every row has finished. The softmax parts are combined exactly (one softmax over all the
+             scores), so sharing the prompt cache changes nothing numerically.
 
 KV cache size (kept in the compute dtype `config.dtype`, so bf16 compute gives a bf16 cache):
   bytes = 2 · L · K · E · itemsize · (B·P + B·M·max(T−1, 1))
@@ -78,6 +78,7 @@ def _last_logits(config: ModelConfig, params, x_B1D):
 
 
 _CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", None)
+_STEP_CACHE_AXES = ("layers", "batch", "act_kv_heads", "length", None)  # the caches as the decode loop reads them
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -102,8 +103,11 @@ def prefill(config: ModelConfig, params, prompt_ids, prompt_mask) -> tuple[Promp
   return cache, _last_logits(config, params, x[:, -1:])
 
 
-def _cached_attention(q_R1KGE, k_R1KE, v_R1KE, *, pk_BPKE, pv_BPKE, pmask_BP, gk_RSKE, gv_RSKE, gvisible_S):
-  """One new query per row against [its prompt's cache, its own generated slots, itself], one exact softmax."""
+def _cached_attention(q_R1KGE, k_R1KE, v_R1KE, *, pk_BKPE, pv_BKPE, pmask_BP, gk_RKSE, gv_RKSE, gvisible_S):
+  """One new query per row against [its prompt's cache, its own generated slots, itself], one exact softmax.
+
+  The caches are heads-before-positions ([.., K, S, E]) so every einsum here is a plain batched matmul: with the
+  [.., S, K, E] layout XLA CPU transposed the whole cache of every layer on every step."""
   B, P = pmask_BP.shape
   R, _, K, G, E = q_R1KGE.shape
   M = R // B
@@ -111,39 +115,51 @@ def _cached_attention(q_R1KGE, k_R1KE, v_R1KE, *, pk_BPKE, pv_BPKE, pmask_BP, gk
   scale = E ** -0.5
   q_RKGE = q_R1KGE[:, 0]
   # The M samples of prompt b share prompt b's keys: group the rows as [B, M] instead of copying the cache M times.
-  s_p = jnp.einsum("bmkge,bpke->bmkgp", q_RKGE.reshape(B, M, K, G, E), pk_BPKE, preferred_element_type=f32)
-  s_p = jnp.where(pmask_BP[:, None, None, None, :], s_p * scale, _MASKED).reshape(R, K, G, P)
-  s_g = jnp.einsum("rkge,rske->rkgs", q_RKGE, gk_RSKE, preferred_element_type=f32)
+  q_BKNE = q_RKGE.reshape(B, M, K, G, E).transpose(0, 2, 1, 3, 4).reshape(B, K, M * G, E)
+  s_p = jnp.einsum("bkne,bkpe->bknp", q_BKNE, pk_BKPE, preferred_element_type=f32)
+  s_p = jnp.where(pmask_BP[:, None, None, :], s_p * scale, _MASKED)
+  s_g = jnp.einsum("rkge,rkse->rkgs", q_RKGE, gk_RKSE, preferred_element_type=f32)
   s_g = jnp.where(gvisible_S, s_g * scale, _MASKED)
-  s_s = jnp.einsum("rkge,rke->rkg", q_RKGE, k_R1KE[:, 0], preferred_element_type=f32)[..., None] * scale
-  probs = jax.nn.softmax(jnp.concatenate([s_p, s_g, s_s], axis=-1), axis=-1)
-  S = gk_RSKE.shape[1]
-  p_p, p_g, p_s = probs[..., :P], probs[..., P:P + S], probs[..., P + S:]
+  s_s = jnp.einsum("rkge,rke->rkg", q_RKGE, k_R1KE[:, 0], preferred_element_type=f32) * scale
+  # One softmax over the three parts without concatenating them: a shared max and a shared normaliser.
+  m_p = s_p.max(-1).reshape(B, K, M, G).transpose(0, 2, 1, 3).reshape(R, K, G)
+  m = jnp.maximum(jnp.maximum(m_p, s_g.max(-1)), s_s)
+  m_BKN = m.reshape(B, M, K, G).transpose(0, 2, 1, 3).reshape(B, K, M * G)
+  e_p = jnp.exp(s_p - m_BKN[..., None])
+  e_g = jnp.exp(s_g - m[..., None])
+  e_s = jnp.exp(s_s - m)
+  z_p = e_p.sum(-1).reshape(B, K, M, G).transpose(0, 2, 1, 3).reshape(R, K, G)
+  inv = 1.0 / (z_p + e_g.sum(-1) + e_s)
   dt = v_R1KE.dtype
-  out = jnp.einsum("bmkgp,bpke->bmkge", p_p.reshape(B, M, K, G, P).astype(dt), pv_BPKE,
-                   preferred_element_type=f32).reshape(R, K, G, E)
-  out = out + jnp.einsum("rkgs,rske->rkge", p_g.astype(dt), gv_RSKE, preferred_element_type=f32)
-  out = out + p_s * v_R1KE[:, 0, :, None, :].astype(f32)
+  o_p = jnp.einsum("bknp,bkpe->bkne", e_p.astype(dt), pv_BKPE, preferred_element_type=f32)
+  o_p = o_p.reshape(B, K, M, G, E).transpose(0, 2, 1, 3, 4).reshape(R, K, G, E)
+  o_g = jnp.einsum("rkgs,rkse->rkge", e_g.astype(dt), gv_RKSE, preferred_element_type=f32)
+  out = (o_p + o_g + e_s[..., None] * v_R1KE[:, 0, :, None, :].astype(f32)) * inv[..., None]
   return out.astype(dt).reshape(R, 1, K * G, E)
 
 
-def _decode_step(config: ModelConfig, params, cache: PromptCache, gk, gv, tok_R, pos_R, slot):
-  """Feeds one token per row at RoPE position `pos_R`; writes its k/v at generation slot `slot`; next logits [R, V]."""
+def _decode_step(config: ModelConfig, params, pk, pv, pmask_BP, gk, gv, tok_R, pos_R, slot):
+  """Feeds one token per row at RoPE position `pos_R`; writes its k/v at generation slot `slot`; next logits [R, V].
+  pk/pv: prompt cache [L, B, K, P, E]; gk/gv: generation cache [L, R, K, S, E].
+
+  On CPU XLA copies each layer's cache slice out of the stacked caches before its matmuls. Unrolling the layers over
+  per-layer cache arrays avoids those copies but measured no faster on a quiet 2-core machine (bench/sampling.py,
+  B=16 and 64) and doubles the decode compile time at 24 layers, so the layers stay one `scan`."""
   x = qwen2.embed_tokens(config, params, tok_R[:, None])
   cos, sin = qwen2.rope_cos_sin(pos_R[:, None], config.head_dim, config.rope_theta)
-  gvisible_S = jnp.arange(gk.shape[2]) < slot  # slots 0 … slot−1 hold earlier generated tokens
+  gvisible_S = jnp.arange(gk.shape[3]) < slot  # slots 0 … slot−1 hold earlier generated tokens
 
   def body(x, layer):
-    lp, pk, pv, lgk, lgv = layer
-    attend = functools.partial(_cached_attention, pk_BPKE=pk, pv_BPKE=pv, pmask_BP=cache.mask, gk_RSKE=lgk,
-                               gv_RSKE=lgv, gvisible_S=gvisible_S)
+    lp, lpk, lpv, lgk, lgv = layer
+    attend = functools.partial(_cached_attention, pk_BKPE=lpk, pv_BKPE=lpv, pmask_BP=pmask_BP, gk_RKSE=lgk,
+                               gv_RKSE=lgv, gvisible_S=gvisible_S)
     x, k, v = _block(config, lp, x, cos, sin, attend)
-    return x, (k[:, 0], v[:, 0])
+    return x, (k, v)
 
-  x, (k_new, v_new) = jax.lax.scan(body, x, (params["layers"], cache.k, cache.v, gk, gv))
+  x, (k_new, v_new) = jax.lax.scan(body, x, (params["layers"], pk, pv, gk, gv))
   # One in-place write for all layers (the cache is a while_loop carry, so XLA updates it without a copy).
-  gk = jax.lax.dynamic_update_slice_in_dim(gk, k_new[:, :, None].astype(gk.dtype), slot, axis=2)
-  gv = jax.lax.dynamic_update_slice_in_dim(gv, v_new[:, :, None].astype(gv.dtype), slot, axis=2)
+  gk = jax.lax.dynamic_update_slice_in_dim(gk, k_new.swapaxes(2, 3).astype(gk.dtype), slot, axis=3)
+  gv = jax.lax.dynamic_update_slice_in_dim(gv, v_new.swapaxes(2, 3).astype(gv.dtype), slot, axis=3)
   return _last_logits(config, params, x), gk, gv
 
 
@@ -178,7 +194,7 @@ class _State(NamedTuple):
   logprobs: jax.Array  # [R, T]
   lengths: jax.Array   # [R]
   finished: jax.Array  # [R]
-  gk: jax.Array        # [L, R, S, K, E] generation cache, S = max(T−1, 1)
+  gk: jax.Array        # [L, R, K, S, E] generation cache, S = max(T−1, 1)
   gv: jax.Array
 
 
@@ -197,8 +213,10 @@ def decode(config: ModelConfig, params, cache: PromptCache, logits_BV, rng, temp
 
   tok0, lp0 = choose(rows(jnp.repeat(logits_BV, num_samples, axis=0)), jax.random.fold_in(rng, 0))
   S = max(T - 1, 1)
-  gshape = (config.num_layers, R, S, config.num_kv_heads, config.head_dim)
-  zeros = lambda: sharding.constrain(jnp.zeros(gshape, config.jnp_dtype), _CACHE_AXES)  # noqa: E731
+  gshape = (config.num_layers, R, config.num_kv_heads, S, config.head_dim)
+  zeros = lambda: sharding.constrain(jnp.zeros(gshape, config.jnp_dtype), _STEP_CACHE_AXES)  # noqa: E731
+  # Heads before positions once here, not per layer per step inside the loop (see `_cached_attention`).
+  pk, pv = (sharding.constrain(c.swapaxes(2, 3), _STEP_CACHE_AXES) for c in (cache.k, cache.v))
   state = _State(step=jnp.int32(1), last=tok0,
                  tokens=rows(jnp.full((R, T), pad, jnp.int32).at[:, 0].set(tok0)),
                  logprobs=rows(jnp.zeros((R, T), jnp.float32).at[:, 0].set(lp0)),
@@ -209,7 +227,7 @@ def decode(config: ModelConfig, params, cache: PromptCache, logits_BV, rng, temp
 
   def body(s: _State):
     i = s.step
-    logits, gk, gv = _decode_step(config, params, cache, s.gk, s.gv, s.last, pos0_R + i - 1, i - 1)
+    logits, gk, gv = _decode_step(config, params, pk, pv, cache.mask, s.gk, s.gv, s.last, pos0_R + i - 1, i - 1)
     tok, lp = choose(logits, jax.random.fold_in(rng, i))
     done = s.finished
     out_tok = jnp.where(done, pad, tok)
