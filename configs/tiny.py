@@ -8,6 +8,7 @@ from rlt_jax.run_setup import default_config
 def get_config():
   c = default_config()
   c.workdir = "runs/tiny"
+  c.tiny_models = True  # teacher and student built on the spot (no paths needed)
   c.seed = 0
   # Short system prompts keep the tiny model's sequences short; the formats stay those of the paper.
   c.format.teacher_system = ("Give the solution between <|begin_of_solution|> and <|end_of_solution|>, then explain "

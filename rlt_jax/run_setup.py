@@ -26,8 +26,9 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.workdir = "runs/rlt"
   c.seed = 42
-  c.teacher_path = ""        # HF model dir of the teacher; "" builds tiny random models under <workdir>/tiny_models
+  c.teacher_path = ""        # HF model dir of the teacher (required unless tiny_models)
   c.student_path = ""        # HF model dir of the frozen student that scores explanations
+  c.tiny_models = False      # True with empty paths: build tiny warmed-up models under <workdir>/tiny_models
   c.tokenizer_path = ""      # "" = the teacher's directory (teacher and student must share the tokenizer)
   c.tiny = ml_collections.ConfigDict(dict(vocab_size=1024, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
                                           warmup_steps=100))
@@ -91,6 +92,8 @@ def validate(cfg) -> tuple[grpo.GRPOConfig, rewards.RewardConfig]:
          "has no config.json (a Hugging Face model directory is expected)")
   need(bool(cfg.teacher_path) == bool(cfg.student_path), "student_path",
        "set teacher_path and student_path together (both empty builds tiny local models)")
+  need(bool(cfg.teacher_path) or cfg.tiny_models, "teacher_path",
+       "is required (a Hugging Face model directory), unless config.tiny_models=True")
   need(not cfg.data.path or os.path.exists(cfg.data.path), "data.path", "does not exist")
   g = _field("grpo", grpo.GRPOConfig, **cfg.grpo.to_dict())
   r = _field("reward", rewards.RewardConfig, **cfg.reward.to_dict())

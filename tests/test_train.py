@@ -101,6 +101,7 @@ def test_a_fixed_batch_is_learned(assets, tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (dict(batch_size=10), r"config.batch_size=10: must be a positive multiple of config.group_size=4"),
     (dict(teacher_path="/no/such/model"), r"config.teacher_path='/no/such/model': is not a directory"),
+    (dict(teacher_path="", student_path="", tiny_models=False), r"config.teacher_path='': is required"),
     ({"reward.kl_penalty_reductions": ("mean", "median")}, r"config.reward: .*unknown reduction\(s\) \['median'\]"),
     ({"grpo.micro_batches": 3}, r"config.batch_size=8: must be divisible by config.grpo.micro_batches=3"),
     ({"reward.teacher_temperature": 1.0}, r"config.reward.teacher_temperature"),
