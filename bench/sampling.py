@@ -3,7 +3,10 @@
 Both run prefill + decode of `--new` tokens for `--batch` prompts of `--prompt` tokens, eos ignored so both produce
 the same number of tokens; greedy by default (`--temperature T` samples). Times are interleaved best-of-N.
 
-  python bench/sampling.py [--batch 16] [--prompt 64] [--new 128] [--temperature 0]
+  python bench/sampling.py [--batch 16] [--prompt 64] [--new 128] [--temperature 0] [--tiny]
+
+The default model has hidden 256 and 4 layers; `--tiny` uses the shape of the default RL run's models
+(configs/tiny.py: hidden 64, 2 layers), where a decode step's matmuls are so small that per-token overheads decide.
 """
 import argparse
 import os
@@ -30,9 +33,12 @@ def main():
   ap.add_argument("--new", type=int, default=128)
   ap.add_argument("--temperature", type=float, default=0.0)
   ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--tiny", action="store_true", help="the model shape of configs/tiny.py (hidden 64, 2 layers)")
   args = ap.parse_args()
   torch.set_num_threads(torch_threads())
   shape = dict(vocab=1024, hidden=256, layers=4, heads=8, kv_heads=2, inter=768)
+  if args.tiny:
+    shape = dict(vocab=1024, hidden=64, layers=2, heads=4, kv_heads=2, inter=128)
   with tempfile.TemporaryDirectory() as d:
     hf = make_hf_model(d, std=0.02, **shape)
     config, params = checkpoint.load_hf(d)
