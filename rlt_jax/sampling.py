@@ -16,8 +16,9 @@ KV cache size (kept in the compute dtype `config.dtype`, so bf16 compute gives a
 per-row cache of B·M·(P+T). Qwen2.5-0.5B (L=24, K=2, E=64) in bf16 takes 12 KiB per token slot.
 
 Costs to know: every decode step reads the whole preallocated generation cache (unwritten slots are masked), so a
-step costs O(P + T), not O(P + t); and prefill materialises [B, H, P, P] attention scores unless
-`config.attention_impl` selects a fused kernel (e.g. "cudnn" on GPU).
+step costs O(P + T), not O(P + t). Prefill of prompts longer than one attention block uses `qwen2.blocked_attention`
+(O(block·P) memory, no [B, H, P, P] scores), shorter ones one dense softmax, or the fused kernel that
+`config.attention_impl` names (e.g. "cudnn" on GPU).
 
 Shapes: B prompts, M samples per prompt (`num_samples`), R = B·M rows, P prompt length, T `max_new_tokens`, L layers,
 K kv heads, G query heads per kv head, E head dim, D hidden, V vocab.
@@ -87,10 +88,16 @@ def prefill(config: ModelConfig, params, prompt_ids, prompt_mask) -> tuple[Promp
   ids_BP = jnp.asarray(prompt_ids, jnp.int32)
   mask_BP = jnp.asarray(prompt_mask).astype(bool)
   P = ids_BP.shape[1]
-  idx = jnp.arange(P)
-  visible_BPP = (idx[None, :, None] >= idx[None, None, :]) & mask_BP[:, None, :]
   cos, sin = qwen2.rope_cos_sin(qwen2.positions_from_mask(mask_BP), config.head_dim, config.rope_theta)
-  attend = functools.partial(qwen2.attention, mask_BTS=visible_BPP, implementation=config.attention_impl)
+  if P > qwen2.attention_block_size(config) and config.attention_impl is None:
+    # Long prompts (RLT prompts hold the whole solution): tiled attention, no [B, H, P, P] scores. Padding rows'
+    # keys/values differ from the dense path's but decode never attends to them.
+    causal = qwen2.CausalMask(mask_BP, None)
+    attend = lambda q, k, v: qwen2.self_attention(config, q, k, v, causal)  # noqa: E731
+  else:
+    idx = jnp.arange(P)
+    visible_BPP = (idx[None, :, None] >= idx[None, None, :]) & mask_BP[:, None, :]
+    attend = functools.partial(qwen2.attention, mask_BTS=visible_BPP, implementation=config.attention_impl)
 
   def body(x, lp):
     x, k, v = _block(config, lp, x, cos, sin, attend)

@@ -83,6 +83,20 @@ def test_greedy_matches_transformers_generate(tiny):
   np.testing.assert_allclose(np.asarray(out.logprobs), want, atol=1e-4)
 
 
+def test_long_prompts_prefill_with_blocked_attention(tiny):
+  """Prompts longer than one attention block are prefilled with tiled attention: the same tokens as transformers."""
+  model, config, params, _ = tiny
+  P, N = 12, 8
+  ids, mask = left_padded([5, 9, 12], P, seed=3)
+  hf = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False, max_new_tokens=N,
+                      min_new_tokens=N, pad_token_id=0, eos_token_id=None)[:, P:].numpy()
+  blocked = config.replace(attention_block=4)  # P = 12 > 4: prefill takes the blocked path
+  out = sampling.sample(blocked, params, ids, mask, jax.random.key(0), max_new_tokens=N, temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(out.tokens), hf)
+  want, _ = teacher_forced_logprobs(config, params, ids, mask, out, 1, 1.0)
+  np.testing.assert_allclose(np.asarray(out.logprobs), want, atol=1e-4)
+
+
 def test_sampled_logprobs_match_teacher_forced_forward(tiny):
   _, config, params, _ = tiny
   P, N, M, T = 10, 12, 3, 0.7
