@@ -16,7 +16,7 @@ from typing import NamedTuple
 import jax
 import ml_dtypes
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from rlt_jax import sharding
 from rlt_jax.models import qwen2
@@ -243,13 +243,6 @@ def shard_params(params, mesh: Mesh, config: ModelConfig, rules=None, on_indivis
   """Places an existing params tree on `mesh` by the sharding rules."""
   shardings = sharding.tree_shardings(qwen2.param_logical_axes(config), params, mesh, rules, on_indivisible)
   return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
-
-
-def param_named_shardings(config: ModelConfig, mesh: Mesh, rules=None,
-                          on_indivisible: str = "replicate") -> dict[str, NamedSharding]:
-  """The NamedSharding of every param of `config` on `mesh` (e.g. for jit's in/out shardings)."""
-  return sharding.tree_shardings(qwen2.param_logical_axes(config), qwen2.param_shapes(config), mesh, rules,
-                                 on_indivisible)
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -63,16 +63,6 @@ def kv_cache_bytes(config: ModelConfig, batch: int, prompt_len: int, max_new_tok
 
 
 # ------------------------------------------------------------------------------------------------------ model pieces
-def _block(config: ModelConfig, lp, x_BTD, cos_BTE, sin_BTE, attend):
-  """qwen2.decoder_layer with the attention swapped for `attend(q, k, v)`; also returns this block's k and v."""
-  h = qwen2.rms_norm(x_BTD, lp["input_norm"]["scale"], config.rms_norm_eps)
-  q, k, v = qwen2.project_qkv(config, lp["attn"], h, cos_BTE, sin_BTE)
-  x_BTD = x_BTD + qwen2.attention_output(config, lp["attn"], attend(q, k, v))
-  h = qwen2.rms_norm(x_BTD, lp["post_attn_norm"]["scale"], config.rms_norm_eps)
-  x_BTD = x_BTD + qwen2.mlp(config, lp["mlp"], h)
-  return sharding.constrain(x_BTD, ("batch", "length", "act_embed")), k, v
-
-
 def _last_logits(config: ModelConfig, params, x_B1D):
   h = qwen2.rms_norm(x_B1D, params["final_norm"]["scale"], config.rms_norm_eps)
   return qwen2.lm_head(config, params, h)[:, 0]
@@ -87,20 +77,14 @@ def prefill(config: ModelConfig, params, prompt_ids, prompt_mask) -> tuple[Promp
   """Runs left-padded prompts [B, P] once: their cache and the fp32 logits [B, V] of the first new token."""
   ids_BP = jnp.asarray(prompt_ids, jnp.int32)
   mask_BP = jnp.asarray(prompt_mask).astype(bool)
-  P = ids_BP.shape[1]
   cos, sin = qwen2.rope_cos_sin(qwen2.positions_from_mask(mask_BP), config.head_dim, config.rope_theta)
-  if P > qwen2.attention_block_size(config) and config.attention_impl is None:
-    # Long prompts (RLT prompts hold the whole solution): tiled attention, no [B, H, P, P] scores. Padding rows'
-    # keys/values differ from the dense path's but decode never attends to them.
-    causal = qwen2.CausalMask(mask_BP, None)
-    attend = lambda q, k, v: qwen2.self_attention(config, q, k, v, causal)  # noqa: E731
-  else:
-    idx = jnp.arange(P)
-    visible_BPP = (idx[None, :, None] >= idx[None, None, :]) & mask_BP[:, None, :]
-    attend = functools.partial(qwen2.attention, mask_BTS=visible_BPP, implementation=config.attention_impl)
+  # Long prompts (RLT prompts hold the whole solution) take the blocked attention, no [B, H, P, P] scores. Its
+  # padding rows' keys/values differ from the dense path's, but decode never attends to them.
+  mask = qwen2.self_attention_mask(config, mask_BP)
+  attend = lambda q, k, v: qwen2.self_attention(config, q, k, v, mask)  # noqa: E731
 
   def body(x, lp):
-    x, k, v = _block(config, lp, x, cos, sin, attend)
+    x, k, v = qwen2.decoder_block(config, lp, x, cos, sin, attend)
     return x, (k, v)
 
   x, (k, v) = jax.lax.scan(body, qwen2.embed_tokens(config, params, ids_BP), params["layers"])
@@ -160,7 +144,7 @@ def _decode_step(config: ModelConfig, params, pk, pv, pmask_BP, gk, gv, tok_R, p
     lp, lpk, lpv, lgk, lgv = layer
     attend = functools.partial(_cached_attention, pk_BKPE=lpk, pv_BKPE=lpv, pmask_BP=pmask_BP, gk_RKSE=lgk,
                                gv_RKSE=lgv, gvisible_S=gvisible_S)
-    x, k, v = _block(config, lp, x, cos, sin, attend)
+    x, k, v = qwen2.decoder_block(config, lp, x, cos, sin, attend)
     return x, (k, v)
 
   x, (k_new, v_new) = jax.lax.scan(body, x, (params["layers"], pk, pv, gk, gv))

@@ -18,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from rlt_jax import checkpoint, data, grpo, metrics, rewards, run_setup, sampling, sharding
 
@@ -51,7 +52,7 @@ def _train_step(sc: StepConfig, optimizer, state, batch):
     return grpo.policy_loss(lp, b["old"], b["ref"], b["adv"], b["cmask"], sc.grpo, denominators=denominators)
 
   grads, m = grpo.accumulate_gradients(loss_fn, state["params"], parts, sc.grpo.micro_batches)
-  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(grad_norm) & jnp.isfinite(m["loss"])
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
   params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)

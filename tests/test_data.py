@@ -143,7 +143,7 @@ def test_bad_rows_skipped_counted_and_reported(tmp_path, fmt, rows, caplog):
   assert "epoch 0: 4 rows used, 6 skipped" in msg
   for line, reason in bad.items():
     assert f"{reason}: 1 (e.g. {path}:{line})" in msg
-  with pytest.raises(data.BadRowError, match=rf"bad\.jsonl:2: bad row \(missing_field\)"):
+  with pytest.raises(data.BadRowError, match=r"bad\.jsonl:2: bad row \(missing_field\)"):
     _wheres(_prompt_ds(path, fmt, batch_size=1, shuffle=False, strict=True))
 
 

@@ -252,15 +252,31 @@ def mlp(config: ModelConfig, p, x_BTD):
   return jnp.einsum("btf,fd->btd", h, p["down_proj"]["kernel"].astype(dt))
 
 
-def decoder_layer(config: ModelConfig, lp, x_BTD, cos_BTE, sin_BTE, mask):
-  """One pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). `mask`: [B, T, S] bool or a `CausalMask`."""
+def decoder_block(config: ModelConfig, lp, x_BTD, cos_BTE, sin_BTE, attend):
+  """One pre-norm block: x + attn(norm(x)), then + mlp(norm(x)), with the attention as `attend(q, k, v)`.
+
+  Returns the new x and this block's rotated k and v (the sampler caches them; `forward` drops them)."""
   h = rms_norm(x_BTD, lp["input_norm"]["scale"], config.rms_norm_eps)
   q, k, v = project_qkv(config, lp["attn"], h, cos_BTE, sin_BTE)
-  out = self_attention(config, q, k, v, mask)
-  x_BTD = x_BTD + attention_output(config, lp["attn"], out)
+  x_BTD = x_BTD + attention_output(config, lp["attn"], attend(q, k, v))
   h = rms_norm(x_BTD, lp["post_attn_norm"]["scale"], config.rms_norm_eps)
   x_BTD = x_BTD + mlp(config, lp["mlp"], h)
-  return sharding.constrain(x_BTD, ("batch", "length", "act_embed"))
+  return sharding.constrain(x_BTD, ("batch", "length", "act_embed")), k, v
+
+
+def decoder_layer(config: ModelConfig, lp, x_BTD, cos_BTE, sin_BTE, mask):
+  """`decoder_block` with causal self-attention. `mask`: [B, T, S] bool or a `CausalMask`."""
+  return decoder_block(config, lp, x_BTD, cos_BTE, sin_BTE, lambda q, k, v: self_attention(config, q, k, v, mask))[0]
+
+
+def self_attention_mask(config: ModelConfig, mask_BT, segment_ids_BT=None):
+  """The mask `self_attention` takes for these tokens: a `CausalMask` (blocked attention, O(T) to store) when the
+  sequence is longer than one block and no fused kernel is configured, else the dense [B, T, T] bool mask."""
+  mask = CausalMask(mask_BT, segment_ids_BT)
+  T = mask_BT.shape[1]
+  if T <= attention_block_size(config) or config.attention_impl is not None:
+    return _visible_BQS(mask, jnp.arange(T), segment_ids_BT)
+  return mask
 
 
 def remat(config: ModelConfig, fn):
@@ -302,10 +318,7 @@ def forward_hidden(config: ModelConfig, params, input_ids, attention_mask=None, 
   mask_BT = jnp.ones((B, T), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
   pos_BT = positions_from_mask(mask_BT) if positions is None else jnp.asarray(positions, jnp.int32)
   seg_BT = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
-  mask = CausalMask(mask_BT, seg_BT)
-  if T <= attention_block_size(config) or config.attention_impl is not None:
-    # One block (or a fused kernel that never materialises scores): the dense [B, T, T] mask is small, or needed.
-    mask = _visible_BQS(mask, jnp.arange(T), seg_BT)
+  mask = self_attention_mask(config, mask_BT, seg_BT)
   cos, sin = rope_cos_sin(pos_BT, config.head_dim, config.rope_theta)
 
   layer = remat(config, functools.partial(decoder_layer, config))
