@@ -22,11 +22,13 @@ INSTALL_REQUIRES = [
     "pyarrow==26.0.1",  # parquet sources
     "array-record==0.8.6",  # TFDS array_record sources
     "tensorboard==2.21.0",  # event files for TensorBoard (no TensorFlow needed)
+    "math-verify==0.9.0",  # answer equivalence in rlt_jax.grading
+    "matplotlib==3.11.2",  # rlt_jax.plot
 ]
 
 EXTRAS = {
     # torch is the oracle for the model tests and the peer in bench/; 2.13.0 is the CPU wheel.
-    "test": ["pytest==8.4.2", "torch==2.13.0"],
+    "test": ["pytest==8.4.2", "torch==2.13.0", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
 }
 
 setup(

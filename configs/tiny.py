@@ -2,6 +2,7 @@
 
   python -m rlt_jax.train --config configs/tiny.py --workdir runs/tiny
 """
+from rlt_jax import tiny
 from rlt_jax.run_setup import default_config
 
 
@@ -11,10 +12,7 @@ def get_config():
   c.tiny_models = True  # teacher and student built on the spot (no paths needed)
   c.seed = 0
   # Short system prompts keep the tiny model's sequences short; the formats stay those of the paper.
-  c.format.teacher_system = ("Give the solution between <|begin_of_solution|> and <|end_of_solution|>, then explain "
-                             "it between <|begin_of_explanation|> and <|end_of_explanation|>.")
-  c.format.student_system = ("Think between <|begin_of_thought|> and <|end_of_thought|>, then give the solution "
-                             "between <|begin_of_solution|> and <|end_of_solution|>.")
+  c.format.teacher_system, c.format.student_system = tiny.TEACHER_SYSTEM, tiny.STUDENT_SYSTEM
   c.batch_size = 32
   c.group_size = 8
   c.max_prompt_len = 384

@@ -16,6 +16,11 @@ Kinds (what one batch holds):
                  `input_ids`, `loss_mask`, `attention_mask` [B, L] right-padded.
   "student_sft"  student distillation rows (thought = `reasoning`): same arrays.
 L is the smallest of `buckets` that holds the longest row of the batch, so jit sees at most len(buckets) shapes.
+SFT kinds also carry `segment_ids` (1 on a row's tokens, 0 on padding) and `positions` [B, L]. With
+`truncate=True` an SFT row longer than the longest bucket is cut to it (as trl's SFTTrainer does) instead of
+skipped; a row left with nothing to train on (cut before its completion) is skipped as "no_target". With
+`pack=True` SFT rows are packed greedily, in stream order, into sequences of the longest bucket: `segment_ids`
+number the rows of a sequence 1, 2, ... and `positions` restart at 0 for each row (attention never crosses rows).
 
 Bad rows (formats.BAD_REASONS: missing/empty field, wrong type, over the longest bucket, broken JSON, undecodable
 bytes) are skipped, counted per reason in a RowStats and logged when an epoch ends; with strict=True the first one
@@ -24,6 +29,7 @@ raises BadRowError naming file and line. The counts are part of the iterator sta
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import json
 import logging
@@ -322,12 +328,78 @@ class _RowFilter(grain.IterDataset):
     return _RowFilterIterator(self._parent.__iter__(), self._rows or RowStats(), self._strict)
 
 
+# ---------------------------------------------------------------------------------------------------------- packing
+def pack_rows(rows: Sequence[dict[str, np.ndarray]], length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Rows (input_ids, loss_mask, ...) laid end to end in one sequence of `length`: `segment_ids` 1, 2, ... per row
+  (0 = padding), `positions` restarting at 0 for each row."""
+  out = {k: np.full(length, pad_id if k == "input_ids" else 0, np.asarray(v).dtype) for k, v in rows[0].items()}
+  out["segment_ids"] = np.zeros(length, np.int32)
+  out["positions"] = np.zeros(length, np.int32)
+  at = 0
+  for i, r in enumerate(rows):
+    n = len(r["input_ids"])
+    if at + n > length:
+      raise ValueError(f"data: rows of {[len(x['input_ids']) for x in rows]} tokens do not fit in {length}")
+    for k, v in r.items():
+      out[k][at:at + n] = v
+    out["segment_ids"][at:at + n] = i + 1
+    out["positions"][at:at + n] = np.arange(n)
+    at += n
+  return out
+
+
+class _PackIterator(grain.DatasetIterator):
+  """Greedy packing in stream order: rows are added while they fit; the first row that does not fit starts the
+  next sequence. The state is the parent's state before that carried row was read, so a restore reads it again."""
+
+  def __init__(self, parent, length: int, pad_id: int):
+    super().__init__(parent)
+    self._length, self._pad_id = length, pad_id
+    self._carry, self._carry_state = None, None
+
+  def __next__(self):
+    rows, used = [], 0
+    if self._carry is not None:
+      rows, used, self._carry, self._carry_state = [self._carry], len(self._carry["input_ids"]), None, None
+    while True:
+      state = self._parent.get_state()
+      try:
+        row = next(self._parent)
+      except StopIteration:
+        if rows:
+          return pack_rows(rows, self._length, self._pad_id)
+        raise
+      if used + len(row["input_ids"]) > self._length:
+        self._carry, self._carry_state = row, copy.deepcopy(state)
+        return pack_rows(rows, self._length, self._pad_id)
+      rows.append(row)
+      used += len(row["input_ids"])
+
+  def get_state(self):
+    return {"parent": self._carry_state if self._carry is not None else self._parent.get_state()}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self._carry, self._carry_state = None, None
+
+
+class _Pack(grain.IterDataset):
+  def __init__(self, parent, length: int, pad_id: int):
+    super().__init__(parent)
+    self._length, self._pad_id = length, pad_id
+
+  def __iter__(self):
+    return _PackIterator(self._parent.__iter__(), self._length, self._pad_id)
+
+
 # ---------------------------------------------------------------------------------------------------------- pipeline
 class _Encode:
   """RawRecord → {epoch, where, example | bad}. Runs in grain workers; must not raise on data."""
 
-  def __init__(self, fmt: formats.RLTFormat, kind: str, reader: str, max_len: int, epoch_len: int):
+  def __init__(self, fmt: formats.RLTFormat, kind: str, reader: str, max_len: int, epoch_len: int,
+               truncate: bool = False):
     self.fmt, self.kind, self.reader, self.max_len, self.epoch_len = fmt, kind, reader, max_len, epoch_len
+    self.truncate = truncate
 
   def __call__(self, index: int, rec: RawRecord) -> dict:
     out = {"epoch": index // self.epoch_len, "where": rec.where, "example": None, "bad": None}
@@ -353,7 +425,12 @@ class _Encode:
       sft = f.student_sft_example(row["question"], row["reasoning"], row["solution"], row["system"])
       n, ex = len(sft.input_ids), dict(input_ids=sft.input_ids, loss_mask=sft.loss_mask)
     if n > self.max_len:
-      raise formats.BadRow("too_long", f"{n} tokens, over the longest bucket {self.max_len}")
+      if not (self.truncate and self.kind != "prompt"):
+        raise formats.BadRow("too_long", f"{n} tokens, over the longest bucket {self.max_len}")
+      ex = {k: v[:self.max_len] for k, v in ex.items()}
+    if self.kind != "prompt" and not ex["loss_mask"].any():
+      raise formats.BadRow("no_target", f"nothing to train on in the first {self.max_len} tokens "
+                           "(the completion starts after the cut)")
     return ex
 
 
@@ -363,7 +440,15 @@ class _Collate:
 
   def __call__(self, rows: Sequence[dict]) -> dict:
     if self.kind != "prompt":
-      return pad_right(rows, self.buckets, self.pad_id)
+      if "segment_ids" in rows[0]:  # packed: every row already has the longest bucket's length
+        out = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        out["attention_mask"] = out["segment_ids"] > 0
+        return out
+      out = pad_right(rows, self.buckets, self.pad_id)
+      out["segment_ids"] = out["attention_mask"].astype(np.int32)
+      out["positions"] = np.broadcast_to(np.arange(out["input_ids"].shape[1], dtype=np.int32),
+                                         out["input_ids"].shape).copy()
+      return out
     ids, mask = pad_left([r["prompt_ids"] for r in rows], self.buckets, self.pad_id)
     out = {"prompt_ids": ids, "prompt_mask": mask}
     for k in ("question", "solution", "system", "answer", "where"):
@@ -375,11 +460,14 @@ def make_dataset(sources, fmt: formats.RLTFormat, *, kind: str = "prompt", batch
                  buckets: Sequence[int] = (256, 512, 1024, 2048), seed: int = 0, shuffle: bool = True,
                  num_epochs: int | None = None, process_index: int | None = None, process_count: int | None = None,
                  reader: str = "auto", strict: bool = False, stats: RowStats | None = None,
-                 drop_remainder: bool = True, worker_count: int = 0) -> grain.IterDataset:
+                 drop_remainder: bool = True, worker_count: int = 0, truncate: bool = False,
+                 pack: bool = False) -> grain.IterDataset:
   """A grain IterDataset of fixed-shape batches (see the module doc). `sources`: one or more paths/specs/sources.
   `stats`: a RowStats the iterator counts into (one iterator per RowStats)."""
   if kind not in KINDS:
     raise ValueError(f"data: unknown kind {kind!r}; choose one of {KINDS}")
+  if (truncate or pack) and kind == "prompt":
+    raise ValueError("data: truncate and pack apply to the SFT kinds only (an RL prompt cannot be cut)")
   if batch_size <= 0 or not buckets or min(buckets) <= 0:
     raise ValueError(f"data: batch_size ({batch_size}) and every bucket ({buckets}) must be positive")
   if process_index is None or process_count is None:
@@ -396,7 +484,7 @@ def make_dataset(sources, fmt: formats.RLTFormat, *, kind: str = "prompt", batch
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)  # reseeds the shuffle each epoch
-  ds = ds.map_with_index(_Encode(fmt, kind, reader, max(buckets), len(src)))
+  ds = ds.map_with_index(_Encode(fmt, kind, reader, max(buckets), len(src), truncate))
   ds = ds[process_index::process_count]
   it_ds = ds.to_iter_dataset()
   if worker_count > 0:
@@ -405,4 +493,6 @@ def make_dataset(sources, fmt: formats.RLTFormat, *, kind: str = "prompt", batch
       flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   it_ds = _RowFilter(it_ds, stats, strict)
+  if pack:
+    it_ds = _Pack(it_ds, max(buckets), fmt.pad_id)
   return it_ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=_Collate(kind, buckets, fmt.pad_id))

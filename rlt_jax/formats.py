@@ -347,7 +347,7 @@ class RLTFormat:
 
 
 # ------------------------------------------------------------------------------------------------------------ readers
-BAD_REASONS = ("missing_field", "empty_field", "wrong_type", "too_long", "broken_json", "undecodable")
+BAD_REASONS = ("missing_field", "empty_field", "wrong_type", "too_long", "broken_json", "undecodable", "no_target")
 STRATOS_TAGS = dict(thought=STYLES["stratos"]["thought_tags"], solution=STYLES["stratos"]["solution_tags"])
 
 

@@ -215,9 +215,9 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
 
-def progress(total: int, initial: int):
+def progress(total: int, initial: int, desc: str = "rlt", unit: str = "step"):
   from tqdm import tqdm
-  return tqdm(total=total, initial=initial, desc="rlt", unit="step", disable=jax.process_index() != 0,
+  return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=jax.process_index() != 0,
               dynamic_ncols=True)
 
 
@@ -254,3 +254,26 @@ def print_summary(workdir: str, start: int, steps: int) -> None:
         f"{mean(last, 'completion_len_mean'):.1f}\n"
         f"  seconds a step: sample {times['sample']:.2f}, reward {times['reward']:.2f}, update {times['update']:.2f}\n"
         f"  metrics: {path}")
+
+
+def cli(run) -> None:
+  """The command line of every entry point: `--config FILE [--workdir DIR] [--config.field=value ...]`, then
+  `run(config, workdir)`; a ConfigError ends the program with its message, not a traceback."""
+  import sys
+
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config = config_flags.DEFINE_config_file("config", None, "An ml_collections config file (configs/*.py).",
+                                           lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, "Run directory (default: the config's `workdir`).")
+  flags.mark_flag_as_required("config")
+
+  def main(argv):
+    del argv
+    try:
+      run(config.value, workdir.value or config.value.workdir)
+    except ConfigError as e:
+      sys.exit(f"error: {e}")
+
+  app.run(main)

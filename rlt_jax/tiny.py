@@ -27,6 +27,12 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
     "'\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# Short system prompts for the tiny CPU runs (configs/*tiny*.py): they keep a tiny model's sequences short; the
+# formats stay those of the paper.
+TEACHER_SYSTEM = ("Give the solution between <|begin_of_solution|> and <|end_of_solution|>, then explain it between "
+                  "<|begin_of_explanation|> and <|end_of_explanation|>.")
+STUDENT_SYSTEM = ("Think between <|begin_of_thought|> and <|end_of_thought|>, then give the solution between "
+                  "<|begin_of_solution|> and <|end_of_solution|>.")
 RLT_TAG_TEXT = ("<|begin_of_solution|> <|end_of_solution|> <|begin_of_explanation|> <|end_of_explanation|> "
                 "<|begin_of_thought|> <|end_of_thought|> <think> </think>\n\n")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 
 import jax
@@ -188,19 +187,6 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   return last
 
 
-def _main(cfg, workdir):
-  try:
-    run(cfg, workdir or cfg.workdir)
-  except run_setup.ConfigError as e:
-    sys.exit(f"error: {e}")
-
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "An ml_collections config file (configs/*.py).",
-                                            lock_config=True)
-  _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: the config's `workdir`).")
-  flags.mark_flag_as_required("config")
-  app.run(lambda argv: _main(_CONFIG.value, _WORKDIR.value))
+  run_setup.cli(run)

@@ -50,6 +50,17 @@ def tiny_module_config():
   return module.get_config()
 
 
+def set_fields(cfg, overrides: dict):
+  """cfg with dotted-name overrides applied ({"grpo.beta": 0.0} sets cfg.grpo.beta), as --config.x=y does."""
+  for key, value in overrides.items():
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cfg
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
   """The default tiny run's tokenizer, teacher and student (built once per test session, as the run builds them)."""

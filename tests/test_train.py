@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_module_config
+from conftest import REPO, set_fields, tiny_module_config
 from rlt_jax import data, run_setup, train
 
 
@@ -21,13 +21,7 @@ def small_config(assets, **overrides):
   cfg.teacher_path, cfg.student_path, cfg.tokenizer_path = assets["teacher"], assets["student"], assets["tokenizer"]
   cfg.batch_size, cfg.group_size, cfg.max_new_tokens = 8, 4, 16
   cfg.steps, cfg.checkpoint_every, cfg.tensorboard, cfg.export_dir = 2, 100, False, ""
-  for key, value in overrides.items():
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return cfg
+  return set_fields(cfg, overrides)
 
 
 def metrics_rows(workdir):

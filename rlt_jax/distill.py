@@ -1,0 +1,219 @@
+"""Distillation data (stage 3): the trained teacher explains every (question, solution) row of a dataset.
+
+  python -m rlt_jax.distill --config configs/distill_tiny.py [--workdir DIR] [--config.distill.candidates=4 ...]
+
+The config is the RL config (same model, format, sampling and reward fields; `teacher_path` is the RL export) plus a
+`distill` block. Items are the rows of `data.path` in file order. For each item the teacher samples `candidates`
+explanations through the sampler (the prompt is prefilled once and shared); every candidate is scored with the RLT
+reward under the configured student. The kept candidate is the best by (end tag matched, fits the student's context,
+reward), in that order, the lowest candidate index winning ties (paper App. B.1: prefer traces that are complete and
+fit, then rank by reward). An item none of whose candidates matched is kept with `matched: false` (the paper uses no
+filtering) or, with `on_all_failed="drop"`, recorded in skipped.jsonl instead.
+
+Outputs in the workdir:
+  distill.jsonl   one Stratos-format student row per item (`system`, `conversations` = [question, thought =
+                  explanation + solution]; also `question`, `reasoning_trace`, `solution` fields), with the reward,
+                  its components, the candidate kept and every candidate's reward. `rlt_jax.sft` with kind=student
+                  reads it directly.
+  skipped.jsonl   items not explained: unreadable rows, prompts over `max_prompt_len`, dropped all-failed items.
+  dataset/        the same rows as a Hugging Face `datasets` folder (written when every item is done).
+Each batch's lines are appended and fsync'ed together; a restart with the same command skips the items already in
+either file (a torn last line is discarded), so a run killed at any moment still writes every item exactly once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from rlt_jax import data, formats, rewards, run_setup, sharding, train
+
+ConfigError = run_setup.ConfigError
+_log = logging.getLogger("rlt_jax")
+ON_ALL_FAILED = ("keep_best", "drop")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = run_setup.default_config()
+  c.workdir = "runs/distill"
+  c.distill = ml_collections.ConfigDict(dict(
+      candidates=1,            # explanations sampled per item (k)
+      items_per_batch=8,       # items per sampler call (k × items completions at once)
+      limit=0,                 # 0 = every row of data.path; n = the first n rows
+      student_context=0,       # a candidate "fits" when its student sequence has at most this many tokens
+                               # (0 = max_student_len)
+      on_all_failed="keep_best",
+      export_dataset=True))
+  return c
+
+
+def choose(matched, fits, reward) -> int:
+  """Index of the kept candidate: the best by (matched, fits, reward), the lowest index on ties (NaN reward = −inf)."""
+  r = np.where(np.isnan(np.asarray(reward, np.float64)), -np.inf, reward)
+  keys = [(bool(m), bool(f), float(x), -i) for i, (m, f, x) in enumerate(zip(matched, fits, r))]
+  return max(range(len(keys)), key=lambda i: keys[i])
+
+
+def _jsonl_done(path: str) -> set[int]:
+  """Indices already written to `path`; a torn last line (the run was killed mid-write) is cut off first."""
+  if not os.path.exists(path):
+    return set()
+  with open(path, "rb") as f:
+    raw = f.read()
+  end = raw.rfind(b"\n") + 1
+  if end < len(raw):
+    with open(path, "r+b") as f:
+      f.truncate(end)
+  return {json.loads(line)["index"] for line in raw[:end].splitlines() if line.strip()}
+
+
+def _append(path: str, rows: list[dict]) -> None:
+  if not rows:
+    return
+  with open(path, "a") as f:
+    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def read_items(cfg, fmt: formats.RLTFormat) -> tuple[list[dict], list[dict]]:
+  """(usable items, skipped records) of `data.path` in file order, each with its `index` and `where`."""
+  src = data.open_source(cfg.data.path or str(data.SAMPLE_PATH))
+  n = len(src) if not cfg.distill.limit else min(len(src), int(cfg.distill.limit))
+  items, skipped = [], []
+  for i in range(n):
+    rec = src[i]
+    try:
+      row = formats.read_row(data.decode_payload(rec.payload), cfg.data.reader)
+    except formats.BadRow as e:
+      if cfg.data.strict:
+        raise data.BadRowError(f"{rec.where}: bad row ({e.reason}): {e.detail}") from None
+      skipped.append(dict(index=i, where=rec.where, reason=e.reason, detail=e.detail))
+      continue
+    items.append(dict(row, index=i, where=rec.where))
+  prompts = fmt.teacher_prompts([r["question"] for r in items], [r["solution"] for r in items])
+  kept = []
+  for item, p in zip(items, prompts):
+    if len(p) > cfg.max_prompt_len:
+      skipped.append(dict(index=item["index"], where=item["where"], reason="too_long",
+                          detail=f"teacher prompt of {len(p)} tokens, over max_prompt_len={cfg.max_prompt_len}"))
+    else:
+      kept.append(dict(item, prompt_ids=p))
+  return kept, skipped
+
+
+def student_row(fmt: formats.RLTFormat, item: dict, explanation: str) -> dict:
+  """The Stratos-format student row for one item (what `formats.read_row` and `rlt_jax.sft` read back)."""
+  system = item["system"] or fmt.student_system
+  text = fmt.student_text(item["question"], explanation, item["solution"], system)
+  assistant = text[len(fmt.chat_text(system, item["question"])):-len("<|im_end|>\n")]
+  row = dict(system=system, question=item["question"], reasoning_trace=explanation, solution=item["solution"])
+  if fmt.style == "stratos":  # Bespoke-Stratos layout; other styles keep the plain fields only
+    row["conversations"] = [{"from": "user", "value": item["question"]}, {"from": "assistant", "value": assistant}]
+  return row
+
+
+def _explain(rs: run_setup.RunSetup, params, items: list[dict], batch_no: int) -> list[dict]:
+  """Samples, scores and picks the candidates of a batch of items (padded to the static batch with repeats)."""
+  cfg, k = rs.config, rs.config.group_size
+  want = cfg.distill.items_per_batch
+  padded = items + [items[-1]] * (want - len(items))
+  ids, mask = data.pad_left([it["prompt_ids"] for it in padded], (cfg.max_prompt_len,), rs.fmt.pad_id)
+  batch = dict(prompt_ids=ids, prompt_mask=mask, question=[it["question"] for it in padded],
+               solution=[it["solution"] for it in padded], system=[it["system"] for it in padded])
+  ro = train.rollout(rs, params, batch, batch_no)
+  st = ro["student"]
+  with sharding.use_mesh(rs.mesh, rs.rules):
+    reward, rm, _ = rewards.rlt_rewards(
+        rs.teacher_config, params, rs.student_config, rs.student_params, ro["teacher_ids"], ro["teacher_mask"],
+        ro["teacher_expl"], st["input_ids"], st["attention_mask"], st["explanation_mask"], st["solution_mask"],
+        st["matched"], rs.reward_config, chunk_size=cfg.logprob_chunk_size)
+  reward, rm = np.asarray(reward), {key: np.asarray(v) for key, v in rm.items()}
+  limit = cfg.distill.student_context or cfg.max_student_len
+  out = []
+  for b, item in enumerate(items):
+    rows = range(b * k, (b + 1) * k)
+    matched = [ro["examples"][i].matched for i in rows]
+    lens = [len(ro["examples"][i].input_ids) for i in rows]
+    fits = [n <= limit for n in lens]
+    j = b * k + choose(matched, fits, reward[rows.start:rows.stop])
+    ex = ro["examples"][j]
+    rec = dict(index=item["index"], where=item["where"], candidate=j - b * k, candidates=k,
+               candidate_rewards=[float(reward[i]) for i in rows], candidate_matched=matched, candidate_fits=fits,
+               matched=ex.matched, fits=lens[j - b * k] <= limit,
+               student_len=lens[j - b * k], explanation_tokens=ex.explanation_len,
+               completion_tokens=int(ro["lengths"][j]), reward=float(reward[j]),
+               **{m: float(rm[m][j]) for m in ("r_ss", "r_kl", "solution_logp_mean", "solution_logp_min",
+                                                "kl_mean", "kl_max")})
+    if not any(matched) and cfg.distill.on_all_failed == "drop":
+      out.append(("skipped", dict(rec, reason="no_end_tag", detail=f"none of {k} candidates closed the explanation")))
+    else:
+      out.append(("rows", dict(student_row(rs.fmt, item, ex.explanation_text), **rec)))
+  return out
+
+
+def validate(cfg) -> None:
+  d = cfg.distill
+  def need(ok, field, msg):
+    if not ok:
+      raise ConfigError(f"config.distill.{field}={d[field]!r}: {msg}")
+  need(d.candidates >= 1, "candidates", "must be >= 1")
+  need(d.items_per_batch >= 1, "items_per_batch", "must be >= 1")
+  need(d.limit >= 0, "limit", "must be >= 0 (0 = every row)")
+  need(d.student_context >= 0, "student_context", "must be >= 0 (0 = max_student_len)")
+  need(d.on_all_failed in ON_ALL_FAILED, "on_all_failed", f"must be one of {ON_ALL_FAILED}")
+  if jax.process_count() > 1:
+    raise ConfigError("rlt_jax.distill runs as one process (all its devices on one mesh); "
+                      f"{jax.process_count()} processes were started")
+
+
+def run(cfg, workdir: str) -> dict:
+  """Explains every item not yet in `workdir`; returns counts {rows, skipped, total}."""
+  validate(cfg)
+  cfg = ml_collections.ConfigDict(cfg.to_dict())  # the RL plumbing sees k samples per prompt, one batch a call
+  cfg.group_size = int(cfg.distill.candidates)
+  cfg.batch_size = int(cfg.distill.items_per_batch) * cfg.group_size
+  cfg.grpo.micro_batches = 1
+  rs = run_setup.setup(cfg, workdir)
+  paths = {name: os.path.join(workdir, f"{name}.jsonl") for name in ("distill", "skipped")}
+  done = _jsonl_done(paths["distill"]) | _jsonl_done(paths["skipped"])
+  items, skipped = read_items(cfg, rs.fmt)
+  _append(paths["skipped"], [s for s in skipped if s["index"] not in done])
+  done |= {s["index"] for s in skipped}
+  todo = [it for it in items if it["index"] not in done]
+  total = len(items) + len(skipped)
+  bar = run_setup.progress(total, total - len(todo), desc="distill", unit="item")
+  per = int(cfg.distill.items_per_batch)
+  for start in range(0, len(todo), per):
+    chunk = todo[start:start + per]
+    out = _explain(rs, rs.teacher_params, chunk, chunk[0]["index"])
+    _append(paths["distill"], [r for kind, r in out if kind == "rows"])
+    _append(paths["skipped"], [r for kind, r in out if kind == "skipped"])
+    bar.update(len(chunk))
+  bar.close()
+  counts = {name: len(_jsonl_done(p)) for name, p in paths.items()}
+  if counts["distill"] + counts["skipped"] != total:
+    raise RuntimeError(f"distill: {counts} items written, {total} expected (a concurrent run in {workdir}?)")
+  if cfg.distill.export_dataset:
+    _export(paths["distill"], os.path.join(workdir, "dataset"))
+  print(f"\nrlt_jax.distill: {counts['distill']} rows in {paths['distill']}, {counts['skipped']} skipped "
+        f"({paths['skipped']})")
+  return dict(rows=counts["distill"], skipped=counts["skipped"], total=total)
+
+
+def _export(jsonl: str, directory: str) -> None:
+  """distill.jsonl → a Hugging Face `datasets` folder, rows in item order."""
+  import datasets
+  with open(jsonl) as f:
+    rows = sorted((json.loads(line) for line in f if line.strip()), key=lambda r: r["index"])
+  if rows:
+    datasets.Dataset.from_list(rows).save_to_disk(directory)
+
+
+
+if __name__ == "__main__":
+  run_setup.cli(run)

@@ -1,0 +1,269 @@
+"""Supervised fine-tuning: the teacher's warm-up (stage 1) and the student's distillation (stage 4), one module.
+
+  python -m rlt_jax.sft --config configs/sft_tiny.py [--workdir DIR] [--config.kind=student ...]
+
+`kind="teacher"` trains on teacher rows (the RL prompt, then explanation + end tag + <|im_end|>; loss on the
+completion only); `kind="student"` on Stratos-format student rows (loss on the assistant turn). Both masks come from
+`formats` at the token level. Rows are packed into `max_len`-token sequences with segment ids (attention never
+crosses rows, positions restart per row); rows longer than `max_len` are cut, and a row left with nothing to train
+on is skipped and counted. The loss is the mean negative log-likelihood over all trained tokens of the global
+batch (exact under gradient accumulation). Checkpoints and resume work as in `rlt_jax.train`; at the end the model
+is written in Hugging Face format to `<workdir>/export`, where the RL config's `teacher_path` (or a transformers
+user) loads it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from rlt_jax import checkpoint, data, formats, grpo, metrics, rewards, run_setup, sharding, tiny
+from rlt_jax.models.config import ModelConfig
+
+ConfigError = run_setup.ConfigError
+KINDS = {"teacher": "teacher_sft", "student": "student_sft"}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field of an SFT run; the defaults are the teacher warm-up of the paper (METHOD_SPEC §4)."""
+  c = ml_collections.ConfigDict()
+  c.workdir = "runs/sft"
+  c.seed = 0
+  c.kind = "teacher"         # teacher (warm-up on the teacher format) | student (distillation rows)
+  c.model_path = ""          # HF model dir to start from (required unless tiny_models)
+  c.tokenizer_path = ""      # "" = the model's directory
+  c.tiny_models = False      # True with an empty model_path: start from the tiny local model (CPU runs, tests)
+  c.tiny = run_setup.default_config().tiny
+  c.param_dtype = "float32"
+  c.dtype = "float32"
+  c.remat = "none"           # none | full | dots
+  c.data = ml_collections.ConfigDict(dict(path="", reader="auto", strict=False))  # path "" = bundled GSM8K sample
+  c.format = ml_collections.ConfigDict(dict(style="stratos", teacher_system="", student_system=""))
+  c.max_len = 16384          # context; longer rows are truncated (trl's max_seq_length)
+  c.pack = True              # pack rows into max_len sequences (segment ids); False = one row a sequence
+  c.batch_size = 16          # sequences per optimizer step (all processes together)
+  c.micro_batches = 1        # gradient accumulation: the batch is split into this many parts
+  c.epochs = 10
+  c.steps = 0                # 0 = as many as `epochs` passes over the data take (counted before training)
+  c.learning_rate = 1e-5
+  c.lr_schedule = "cosine"   # constant | cosine
+  c.warmup_ratio = 0.05
+  c.b1, c.b2, c.adam_eps = 0.9, 0.95, 1e-8
+  c.weight_decay = 1e-4
+  c.max_grad_norm = 1.0
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.num_devices = 0
+  c.sharding_rules = ()
+  c.logprob_chunk_size = 512
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2
+  c.resume = True
+  c.tensorboard = True
+  c.export_dir = "export"    # under workdir: the final model in HF format ("" = none)
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTStepConfig:
+  model: ModelConfig
+  chunk_size: int
+  micro_batches: int
+
+
+def sequence_loss(model: ModelConfig, params, batch, *, chunk_size: int, denominator):
+  """Sum of −log p over the batch's trained tokens, divided by `denominator`. `batch`: input_ids, loss_mask,
+  segment_ids (0 = padding), positions [B, L]. A token is trained on only if it continues its own segment."""
+  seg = batch["segment_ids"]
+  lp = rewards.token_logprobs(model, params, batch["input_ids"], seg > 0, positions=batch["positions"],
+                              segment_ids=seg, chunk_size=chunk_size)
+  same_segment = jnp.concatenate([jnp.zeros_like(seg[:, :1], bool), seg[:, 1:] == seg[:, :-1]], axis=1)
+  mask = batch["loss_mask"].astype(bool) & same_segment & (seg > 0)
+  return -jnp.sum(jnp.where(mask, lp, 0.0)) / denominator, jnp.sum(mask)
+
+
+def _sft_step(sc: SFTStepConfig, optimizer, schedule, state, batch):
+  denominator = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+
+  def loss_fn(params, b):
+    loss, n = sequence_loss(sc.model, params, b, chunk_size=sc.chunk_size, denominator=denominator)
+    return loss, {"loss": loss * sc.micro_batches, "tokens": n * sc.micro_batches}  # averaged over parts later
+
+  grads, m = grpo.accumulate_gradients(loss_fn, state["params"], batch, sc.micro_batches)
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+  params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
+  new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+  return new_state, {"loss": m["loss"], "tokens": m["tokens"], "grad_norm": grad_norm, "lr": schedule(state["step"])}
+
+
+def validate(cfg) -> None:
+  def need(ok, field, msg):
+    if not ok:
+      raise ConfigError(f"config.{field}={cfg[field] if field in cfg else None!r}: {msg}")
+  need(cfg.kind in KINDS, "kind", f"must be one of {sorted(KINDS)}")
+  for f in ("max_len", "batch_size", "micro_batches", "logprob_chunk_size", "checkpoint_every", "keep_checkpoints"):
+    need(int(cfg[f]) >= 1, f, "must be >= 1")
+  need(cfg.steps >= 0 and (cfg.steps > 0 or cfg.epochs >= 1), "epochs", "must be >= 1 when config.steps=0")
+  need(cfg.batch_size % jax.process_count() == 0, "batch_size",
+       f"must be divisible by the {jax.process_count()} processes")
+  need((cfg.batch_size // jax.process_count()) % cfg.micro_batches == 0, "micro_batches",
+       f"must divide the per-process batch {cfg.batch_size // jax.process_count()}")
+  need(0 <= cfg.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+  need(cfg.lr_schedule in grpo.LR_SCHEDULES, "lr_schedule", f"must be one of {grpo.LR_SCHEDULES}")
+  for f in ("model_path", "tokenizer_path"):
+    need(not cfg[f] or os.path.isdir(cfg[f]), f, "is not a directory")
+  need(not cfg.model_path or os.path.isfile(os.path.join(cfg.model_path, "config.json")), "model_path",
+       "has no config.json (a Hugging Face model directory is expected)")
+  need(bool(cfg.model_path) or cfg.tiny_models, "model_path",
+       "is required (a Hugging Face model directory), unless config.tiny_models=True")
+  need(not cfg.data.path or os.path.exists(cfg.data.path), "data.path", "does not exist")
+
+
+def _dataset(cfg, fmt, *, num_epochs, stats=None):
+  # Unpacked rows are padded to the smallest of three lengths that holds the batch (three compilations at most).
+  buckets = (cfg.max_len,) if cfg.pack else tuple(sorted({max(cfg.max_len // 4, 1), max(cfg.max_len // 2, 1),
+                                                           cfg.max_len}))
+  return data.make_dataset([cfg.data.path or str(data.SAMPLE_PATH)], fmt, kind=KINDS[cfg.kind],
+                           batch_size=cfg.batch_size // jax.process_count(), buckets=buckets, seed=cfg.seed,
+                           num_epochs=num_epochs, reader=cfg.data.reader, strict=cfg.data.strict, stats=stats,
+                           truncate=True, pack=cfg.pack, drop_remainder=False)
+
+
+def count_steps(cfg, fmt) -> int:
+  """Optimizer steps in `epochs` passes: one pass of the real pipeline (tokenize, cut, pack) counting batches.
+  With several processes every process runs the largest count (one that runs out feeds empty batches)."""
+  n = sum(1 for _ in _dataset(cfg, fmt, num_epochs=cfg.epochs))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    n = int(np.max(multihost_utils.process_allgather(np.int32(n))))
+  if n == 0:
+    raise ConfigError(f"config.data.path={cfg.data.path!r}: no usable rows for kind={cfg.kind!r}")
+  return n
+
+
+def _fill(batch: dict, rows: int, pad_id: int) -> dict:
+  """A short last batch (or none) padded with empty sequences (no tokens, no loss) to the static batch size."""
+  length = next(iter(batch.values())).shape[1]
+  out = {}
+  for k, v in batch.items():
+    pad = np.full((rows - len(v), length), pad_id if k == "input_ids" else 0, v.dtype)
+    out[k] = np.concatenate([v, pad])
+  return out
+
+
+def _empty_batch(rows: int, length: int, pad_id: int) -> dict:
+  z = lambda dt: np.zeros((0, length), dt)  # noqa: E731
+  return _fill(dict(input_ids=z(np.int32), loss_mask=z(bool), segment_ids=z(np.int32), positions=z(np.int32),
+                    attention_mask=z(bool)), rows, pad_id)
+
+
+def _load(cfg, workdir):
+  """(tokenizer, format, mesh, rules, model config, params) from the config (the tiny model when asked)."""
+  model_path, tok_path = cfg.model_path, cfg.tokenizer_path or cfg.model_path
+  if not model_path:
+    overrides = {k: v for k, v in cfg.format.to_dict().items() if v}
+    with open(data.SAMPLE_PATH) as f:
+      rows = [formats.read_row(json.loads(line)) for line in f if line.strip()]
+    paths = tiny.ensure_assets(os.path.join(workdir, "tiny_models"), rows, format_overrides=overrides,
+                               **cfg.tiny.to_dict())
+    model_path, tok_path = paths[cfg.kind], paths["tokenizer"]
+  tokenizer = checkpoint.load_tokenizer(tok_path)
+  overrides = {k: v for k, v in cfg.format.to_dict().items() if k != "style" and v}
+  fmt = run_setup._field("format", formats.RLTFormat, tokenizer, style=cfg.format.style, **overrides)
+  devices = jax.devices()[:cfg.num_devices] if cfg.num_devices else None
+  mesh = run_setup._field("mesh", sharding.make_mesh, cfg.mesh.to_dict(), devices)
+  rules = sharding.normalize_rules(cfg.sharding_rules or sharding.DEFAULT_RULES)
+  mc, params = checkpoint.load_hf(model_path, mesh=mesh, dtype=cfg.param_dtype, rules=rules)
+  if len(tokenizer) > mc.vocab_size:
+    raise ConfigError(f"config.tokenizer_path: the tokenizer has {len(tokenizer)} ids but the model's embedding "
+                      f"has {mc.vocab_size} rows")
+  return tokenizer, fmt, mesh, rules, mc.replace(dtype=cfg.dtype, remat=cfg.remat), params
+
+
+def run(cfg, workdir: str, *, on_step=None) -> dict:
+  """Trains in `workdir` (resuming there if it holds checkpoints); returns the last step's metrics."""
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  validate(cfg)
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer, fmt, mesh, rules, mc, params = _load(cfg, workdir)
+  total = int(cfg.steps) or count_steps(cfg, fmt)
+  warmup = int(math.ceil(cfg.warmup_ratio * total))
+  opt_cfg = grpo.GRPOConfig(learning_rate=cfg.learning_rate, lr_schedule=cfg.lr_schedule, warmup_steps=warmup,
+                            total_steps=total, weight_decay=cfg.weight_decay, b1=cfg.b1, b2=cfg.b2,
+                            adam_eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm)
+  optimizer, schedule = grpo.make_optimizer(opt_cfg), grpo.learning_rate_schedule(opt_cfg)
+  sc = SFTStepConfig(mc, int(cfg.logprob_chunk_size), int(cfg.micro_batches))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = {"params": params, "opt_state": jax.jit(optimizer.init)(params), "step": jnp.zeros((), jnp.int32)}
+  state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
+                       else jax.device_put(x, replicated), state)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  batch_sharding = sharding.batch_sharding(mesh, 2, rules)  # every batch array is [B, L]
+  axes = batch_sharding.spec[0] or ()
+  shards = math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+  if (cfg.batch_size // cfg.micro_batches) % shards:
+    raise ConfigError(f"config.batch_size={cfg.batch_size}: each micro-batch of {cfg.batch_size // cfg.micro_batches} "
+                      f"sequences must split over the {shards} devices of the mesh's batch axes")
+  step_fn = jax.jit(lambda s, b: _sft_step(sc, optimizer, schedule, s, b), donate_argnums=0,
+                    in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
+  ckpt = run_setup.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
+  state, data_state = ckpt.restore_latest(state, resume=cfg.resume)
+  stats = data.RowStats()
+  it = iter(_dataset(cfg, fmt, num_epochs=None if cfg.steps else cfg.epochs, stats=stats))
+  if data_state is not None:
+    it.set_state(data_state)
+  start, rows = int(state["step"]), cfg.batch_size // jax.process_count()
+  writer = metrics.RunWriter(workdir, resume_step=start, tensorboard=cfg.tensorboard)
+  bar = run_setup.progress(total, start, desc=f"sft/{cfg.kind}")
+  last = {}
+  try:
+    for step in range(start, total):
+      t0 = time.perf_counter()
+      try:
+        batch = next(it)
+        batch = _fill(batch, rows, fmt.pad_id) if len(batch["input_ids"]) < rows else batch
+      except StopIteration:  # another process has more sequences left (see count_steps)
+        batch = _empty_batch(rows, min(cfg.max_len, max(cfg.max_len // 4, 1)) if not cfg.pack else cfg.max_len,
+                             fmt.pad_id)
+      batch.pop("attention_mask", None)
+      with sharding.use_mesh(mesh, rules):
+        state, m = step_fn(state, batch)
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      dt = time.perf_counter() - t0
+      last = dict(m, tokens_per_s=float(np.sum(batch["segment_ids"] > 0)) / dt,
+                  fill=float(np.mean(batch["segment_ids"] > 0)), rows_skipped=sum(stats.total_bad.values()))
+      writer.write(step + 1, last)
+      bar.update(1)
+      bar.set_postfix(loss=f"{m['loss']:.4f}")
+      if on_step is not None:
+        on_step(step + 1, last)
+      if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+        ckpt.save(step + 1, state, it.get_state())
+  finally:  # an exception (or Ctrl-C) still finishes the checkpoint in flight
+    ckpt.wait()
+    bar.close()
+  writer.close()
+  if stats.total_bad:
+    logging.getLogger("rlt_jax").warning("sft: rows skipped: %s", dict(stats.total_bad))
+  if cfg.export_dir:
+    checkpoint.save_hf(mc, state["params"], os.path.join(workdir, cfg.export_dir), tokenizer=tokenizer)
+  if jax.process_index() == 0 and last:
+    print(f"\nrlt_jax.sft ({cfg.kind}): {total} steps, last loss {last['loss']:.4f}; rows used "
+          f"{stats.total_ok}, skipped {dict(stats.total_bad) or 0}; model: "
+          f"{os.path.join(workdir, cfg.export_dir) if cfg.export_dir else '(not exported)'}")
+  return last
+
+
+
+if __name__ == "__main__":
+  run_setup.cli(run)
