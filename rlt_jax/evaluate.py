@@ -1,0 +1,312 @@
+"""Graded evaluation of a (distilled) student on math benchmarks: pass@1 with its standard error.
+
+  python -m rlt_jax.evaluate --config configs/eval_tiny.py [--workdir DIR] [--config.limit=50 ...]
+
+Each problem is asked the way a distilled student is trained to answer (`RLTFormat.student_prompt_text`: the student
+system prompt, the question, an open assistant turn). The model samples `num_samples` responses (greedy at
+temperature 0); each response is graded against the row's gold answer by `grading.is_correct`.
+
+pass@1 of a benchmark = mean over its N problems of (correct samples / num_samples); the standard error is the
+sample standard deviation of those per-problem rates (ddof=1) over sqrt(N).
+
+Outputs under the workdir: `results.json` (per benchmark: pass@1, stderr, counts, skipped rows), `results.md` (the
+same as a markdown table, also printed at the end) and `<benchmark>.jsonl` (one line per problem: question, gold,
+responses, extracted answers, verdicts, pass rate). Rows with no gold answer, unreadable rows and prompts over
+`max_prompt_len` are skipped, counted per reason and logged with their file:line. Single host.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from rlt_jax import checkpoint, data, formats, grading, run_setup, sampling, sharding, tiny
+
+_log = logging.getLogger("rlt_jax")
+ConfigError = run_setup.ConfigError
+SAMPLE_NAMES = ("", "sample")  # a benchmark path meaning the bundled GSM8K sample (data.SAMPLE_PATH)
+_DTYPES = ("float32", "bfloat16", "float16")
+_SKIP_REASONS = ("no_answer", "too_long", "bad_row")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.workdir = "runs/eval"
+  c.seed = 0
+  c.model_path = ""          # HF model dir of the student to evaluate (required unless tiny_models)
+  c.tokenizer_path = ""      # "" = the model's directory
+  c.tiny_models = False      # True with an empty model_path: evaluate the tiny local student (built if missing)
+  c.tiny = run_setup.default_config().tiny  # shape of the tiny models (same as the tiny RL run's)
+  # "name=path" specs; path: a .jsonl/.parquet file of GSM8K rows (question, answer ending "#### N"), MATH/AIME rows
+  # (problem, solution, answer) or custom rows (question, answer: the final answer; solution optional); "" or
+  # "sample" = the bundled GSM8K sample. The name names the output file <name>.jsonl.
+  c.benchmarks = ("gsm8k=sample",)
+  c.limit = 0                # problems per benchmark (the first usable rows in file order); 0 = all
+  c.num_samples = 1          # n responses per problem
+  c.temperature = 0.0        # 0 = greedy
+  c.top_p = 1.0
+  c.max_new_tokens = 4096
+  c.max_prompt_len = 2048
+  c.batch_size = 32          # problems per sampler call (the sampler runs batch_size × num_samples rows)
+  # teacher_system is only used to build the tiny models the way the tiny RL run does (same warm-up rows).
+  c.format = ml_collections.ConfigDict(dict(style="stratos", teacher_system="", student_system=""))  # "" = default
+  c.param_dtype = "float32"
+  c.dtype = "float32"        # compute dtype
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.num_devices = 0          # 0 = every device
+  c.sharding_rules = ()      # () = sharding.DEFAULT_RULES
+  return c
+
+
+# ------------------------------------------------------------------------------------------------------------ config
+def _benchmark_specs(cfg) -> list[tuple[str, str]]:
+  specs = cfg.benchmarks
+  # A config file may give one comma-separated string; the command line takes a tuple literal:
+  # --config.benchmarks="('math500=a.jsonl','aime24=b.jsonl')" (or one spec: --config.benchmarks=gsm8k=c.jsonl).
+  if isinstance(specs, str):
+    specs = [s for s in specs.split(",") if s.strip()]
+  if not specs:
+    raise ConfigError("config.benchmarks: no benchmark given (expected specs such as 'gsm8k=path/test.jsonl')")
+  out, seen = [], set()
+  for i, spec in enumerate(specs):
+    where = f"config.benchmarks[{i}]={spec!r}"
+    if not isinstance(spec, str) or "=" not in spec:
+      raise ConfigError(f"{where}: expected 'name=path' (e.g. 'math500=../shared/data/math500/test.jsonl')")
+    name, path = (s.strip() for s in spec.split("=", 1))
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+      raise ConfigError(f"{where}: the name must be letters, digits, '_', '.' or '-' (it names <name>.jsonl)")
+    if name in seen:
+      raise ConfigError(f"{where}: the name {name!r} is used twice")
+    seen.add(name)
+    path = str(data.SAMPLE_PATH) if path in SAMPLE_NAMES else path
+    if not os.path.exists(path):
+      raise ConfigError(f"{where}: file {path!r} does not exist")
+    out.append((name, path))
+  return out
+
+
+def validate(cfg) -> list[tuple[str, str]]:
+  """Checks the config before any work (every error names the field); returns the (name, path) benchmarks."""
+  def need(ok, field, msg):
+    if not ok:
+      raise ConfigError(f"config.{field}={cfg[field]!r}: {msg}")
+  for f in ("max_new_tokens", "max_prompt_len", "batch_size"):
+    need(isinstance(cfg[f], int) and cfg[f] >= 1, f, "must be an int >= 1")
+  need(isinstance(cfg.limit, int) and cfg.limit >= 0, "limit", "must be an int >= 0 (0 = every problem)")
+  need(isinstance(cfg.num_samples, int) and cfg.num_samples >= 1, "num_samples", "must be an int >= 1")
+  need(math.isfinite(cfg.temperature) and cfg.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)")
+  need(cfg.temperature > 0 or cfg.num_samples == 1, "num_samples",
+       "greedy decoding (config.temperature=0) gives identical samples; set num_samples=1 or temperature > 0")
+  need(0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
+  for f in ("dtype", "param_dtype"):
+    need(cfg[f] in _DTYPES, f, f"must be one of {_DTYPES}")
+  need(bool(cfg.model_path) or cfg.tiny_models, "model_path",
+       "is required (a Hugging Face model directory), unless config.tiny_models=True")
+  need(not cfg.model_path or os.path.isdir(cfg.model_path), "model_path", "is not a directory")
+  need(not cfg.model_path or os.path.isfile(os.path.join(cfg.model_path, "config.json")), "model_path",
+       "has no config.json (a Hugging Face model directory is expected)")
+  need(not cfg.tokenizer_path or os.path.isdir(cfg.tokenizer_path), "tokenizer_path", "is not a directory")
+  try:
+    [int(v) for v in cfg.mesh.values()]
+    sharding.normalize_rules(cfg.sharding_rules or sharding.DEFAULT_RULES)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config.mesh / config.sharding_rules: {e}") from None
+  return _benchmark_specs(cfg)
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+def load_problems(path: str, fmt: formats.RLTFormat, *, limit: int, max_prompt_len: int):
+  """(problems, skipped counts, skipped locations): the first `limit` usable rows of a benchmark file, each with its
+  student prompt ids; rows without a gold answer, unreadable rows and over-long prompts are skipped."""
+  try:
+    src = data.open_source(path)
+  except (ValueError, OSError) as e:
+    raise ConfigError(f"config.benchmarks: {e}") from None
+  problems, skipped, where_skipped = [], dict.fromkeys(_SKIP_REASONS, 0), {r: [] for r in _SKIP_REASONS}
+
+  def skip(reason, where):
+    skipped[reason] += 1
+    where_skipped[reason].append(where)
+
+  for i in range(len(src)):
+    if limit and len(problems) >= limit:
+      break
+    rec = src[i]
+    try:
+      raw = data.decode_payload(rec.payload)
+      row = formats.read_row(raw)
+    except formats.BadRow as e:
+      skip("bad_row", f"{rec.where} ({e})")
+      continue
+    gold = row["answer"] or _short_answer(raw)
+    if not gold:
+      skip("no_answer", rec.where)
+      continue
+    text = fmt.student_prompt_text(row["question"], row["system"])
+    ids = np.asarray(fmt.tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+    if len(ids) > max_prompt_len:
+      skip("too_long", f"{rec.where} ({len(ids)} tokens)")
+      continue
+    problems.append(dict(where=rec.where, question=row["question"], gold=gold, prompt_ids=ids))
+  return problems, skipped, where_skipped
+
+
+def _short_answer(raw) -> str | None:
+  """The gold of a custom {question, answer} row: auto-detection reads it as GSM8K, whose gold is the text after
+  "####"; an `answer` that is one line with no "####" is the final answer itself (a worked GSM8K solution missing
+  its "####" line spans several lines and stays without a gold answer)."""
+  if not isinstance(raw, dict) or formats.detect_reader(raw) != "gsm8k":
+    return None
+  ans = raw.get("answer")
+  if isinstance(ans, (int, float)) and not isinstance(ans, bool):
+    return str(ans)
+  if isinstance(ans, str) and ans.strip() and "\n" not in ans.strip() and "####" not in ans:
+    return ans.strip()
+  return None
+
+
+def prompt_buckets(max_prompt_len: int) -> tuple[int, ...]:
+  """Powers of two from 64 up to max_prompt_len: at most ~log2(P) prompt shapes, so few sampler compiles."""
+  sizes = {max_prompt_len}
+  b = 64
+  while b < max_prompt_len:
+    sizes.add(b)
+    b *= 2
+  return tuple(sorted(sizes))
+
+
+# ------------------------------------------------------------------------------------------------------------ run
+def pass_at_1(rates) -> tuple[float | None, float | None]:
+  """(mean of per-problem pass rates, its standard error std(ddof=1)/sqrt(N)); None where undefined."""
+  r = np.asarray(rates, np.float64)
+  if r.size == 0:
+    return None, None
+  return float(r.mean()), float(r.std(ddof=1) / math.sqrt(r.size)) if r.size > 1 else None
+
+
+def _evaluate_benchmark(cfg, name: str, problems: list[dict], model_config, params, fmt, mesh, rules, key,
+                        out_path: str) -> dict:
+  n, B = cfg.num_samples, cfg.batch_size
+  buckets = prompt_buckets(cfg.max_prompt_len)
+  rates, lengths, truncated = [], [], 0
+  bar = tqdm.tqdm(total=len(problems), desc=name, unit="problem", disable=jax.process_index() != 0,
+                  dynamic_ncols=True)
+  with open(out_path, "w") as out:
+    for start in range(0, len(problems), B):
+      chunk = problems[start: start + B]
+      # A short last batch is filled with copies of its first prompt: one input shape, one compile.
+      seqs = [p["prompt_ids"] for p in chunk] + [chunk[0]["prompt_ids"]] * (B - len(chunk))
+      ids, mask = data.pad_left(seqs, buckets, fmt.pad_id)
+      with sharding.use_mesh(mesh, rules):
+        res = sampling.sample(model_config, params, ids, mask, jax.random.fold_in(key, start // B),
+                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              top_p=cfg.top_p if cfg.top_p < 1 else None, eos_ids=tuple(int(i) for i in fmt.stop_ids),
+                              num_samples=n, pad_id=fmt.pad_id)
+      tokens, lens, finished = (np.asarray(x) for x in (res.tokens, res.lengths, res.finished))
+      for j, p in enumerate(chunk):
+        rows = range(j * n, (j + 1) * n)  # the sampler's rows b·n … b·n+n−1 are the samples of prompt b
+        # A finished row's last token is its eos: not part of the response text.
+        resp_ids = [tokens[r, : lens[r] - int(finished[r])] for r in rows]
+        responses = [fmt.tokenizer.decode(x.tolist(), skip_special_tokens=False) for x in resp_ids]
+        extracted = [grading.extract_answer(r) for r in responses]
+        verdicts = [grading.is_correct(r, p["gold"]) for r in responses]
+        rate = float(np.mean(verdicts))
+        rates.append(rate)
+        lengths.extend(int(lens[r]) for r in rows)
+        truncated += sum(not finished[r] for r in rows)
+        out.write(json.dumps(dict(index=start + j, where=p["where"], question=p["question"], gold=p["gold"],
+                                  responses=responses, extracted=extracted, correct=verdicts, pass_rate=rate,
+                                  response_tokens=[int(lens[r]) for r in rows],
+                                  finished=[bool(finished[r]) for r in rows]), ensure_ascii=False) + "\n")
+      out.flush()
+      bar.update(len(chunk))
+      bar.set_postfix(pass1=f"{np.mean(rates):.3f}")
+  bar.close()
+  mean, se = pass_at_1(rates)
+  return {"pass@1": mean, "stderr": se, "n_problems": len(problems), "n_samples": n,
+          "mean_response_tokens": float(np.mean(lengths)) if lengths else None,
+          "truncated_fraction": truncated / len(lengths) if lengths else None}
+
+
+def markdown_table(results: dict) -> str:
+  lines = ["| benchmark | pass@1 (%) | ± s.e. (%) | problems | samples each | skipped |",
+           "|---|---:|---:|---:|---:|---:|"]
+  pct = lambda v: "–" if v is None else f"{100 * v:.2f}"  # noqa: E731
+  for name, r in results["benchmarks"].items():
+    lines.append(f"| {name} | {pct(r['pass@1'])} | {pct(r['stderr'])} | {r['n_problems']} | {r['n_samples']} | "
+                 f"{sum(r['skipped'].values())} |")
+  return "\n".join(lines) + "\n"
+
+
+def _tiny_student(cfg, workdir: str) -> tuple[str, str]:
+  with open(data.SAMPLE_PATH) as f:
+    rows = [formats.read_row(json.loads(line)) for line in f if line.strip()]
+  overrides = {k: v for k, v in cfg.format.to_dict().items() if v}
+  paths = tiny.ensure_assets(os.path.join(workdir, "tiny_models"), rows, format_overrides=overrides,
+                             **cfg.tiny.to_dict())
+  return paths["student"], paths["tokenizer"]
+
+
+def run(cfg, workdir: str) -> dict:
+  """Evaluates the model of `cfg` on every benchmark; writes the outputs under `workdir`; returns results.json."""
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  benchmarks = validate(cfg)
+  os.makedirs(workdir, exist_ok=True)
+  model_path, tok_path = cfg.model_path, cfg.tokenizer_path or cfg.model_path
+  if not model_path:
+    model_path, tiny_tok = _tiny_student(cfg, workdir)
+    tok_path = cfg.tokenizer_path or tiny_tok
+  tokenizer = checkpoint.load_tokenizer(tok_path)
+  overrides = {k: v for k, v in cfg.format.to_dict().items() if k != "style" and v}
+  try:
+    fmt = formats.RLTFormat(tokenizer, style=cfg.format.style, **overrides)
+    devices = jax.devices()[:cfg.num_devices] if cfg.num_devices else None
+    mesh = sharding.make_mesh(cfg.mesh.to_dict(), devices)
+  except ValueError as e:
+    raise ConfigError(f"config.format / config.mesh: {e}") from None
+  rules = sharding.normalize_rules(cfg.sharding_rules or sharding.DEFAULT_RULES)
+  model_config, params = checkpoint.load_hf(model_path, mesh=mesh, dtype=cfg.param_dtype, rules=rules)
+  model_config = model_config.replace(dtype=cfg.dtype)
+  if len(tokenizer) > model_config.vocab_size:
+    raise ConfigError(f"config.tokenizer_path: the tokenizer has {len(tokenizer)} ids but the model's embedding has "
+                      f"{model_config.vocab_size} rows")
+  if cfg.max_prompt_len + cfg.max_new_tokens > model_config.max_position_embeddings:
+    _log.warning("max_prompt_len + max_new_tokens = %d is over the model's max_position_embeddings %d",
+                 cfg.max_prompt_len + cfg.max_new_tokens, model_config.max_position_embeddings)
+  _log.info("evaluate: %s; KV cache per sampler call up to %.2f GiB", model_path, sampling.kv_cache_bytes(
+      model_config, cfg.batch_size, cfg.max_prompt_len, cfg.max_new_tokens, cfg.num_samples) / 2**30)
+  results = {"model_path": model_path, "temperature": cfg.temperature, "top_p": cfg.top_p,
+             "num_samples": cfg.num_samples, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+             "benchmarks": {}}
+  for b, (name, path) in enumerate(benchmarks):
+    problems, skipped, where = load_problems(path, fmt, limit=cfg.limit, max_prompt_len=cfg.max_prompt_len)
+    for reason, places in where.items():
+      if places:
+        _log.warning("%s: skipped %d rows (%s), e.g. %s", name, len(places), reason, "; ".join(places[:5]))
+    t0 = time.perf_counter()
+    key = jax.random.fold_in(jax.random.key(cfg.seed), b)
+    r = _evaluate_benchmark(cfg, name, problems, model_config, params, fmt, mesh, rules, key,
+                            os.path.join(workdir, f"{name}.jsonl")) if problems else \
+        {"pass@1": None, "stderr": None, "n_problems": 0, "n_samples": cfg.num_samples,
+         "mean_response_tokens": None, "truncated_fraction": None}
+    results["benchmarks"][name] = dict(r, path=path, skipped=skipped, seconds=time.perf_counter() - t0)
+  table = markdown_table(results)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(table)
+  print("\n" + table + f"\nrlt_jax.evaluate: results in {os.path.join(workdir, 'results.json')}")
+  return results
+
+
+
+if __name__ == "__main__":
+  run_setup.cli(run)

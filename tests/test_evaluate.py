@@ -1,0 +1,217 @@
+"""rlt_jax.evaluate end to end on the tiny local models, against independent oracles.
+
+- greedy responses equal a step-by-step argmax of a teacher-forced `qwen2.forward` from prompt ids built by the
+  tokenizer's own chat template (not by RLTFormat), including where the response stops (eos);
+- results.json / results.md / <benchmark>.jsonl agree with a re-grading of the written responses and a NumPy
+  recomputation of pass@1 and its standard error; golds and questions agree with the data file read here;
+- a student built by hand to answer every question "\\boxed{7}" gets the hand-worked verdicts, pass@1 = 4/7 and
+  standard error sqrt(2)/7 on a mixed GSM8K / MATH / custom file, with bad rows skipped, counted and located;
+- n = 2 samples at T = 1 give two graded responses per problem; bad configs fail early naming the field.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from rlt_jax import checkpoint, data, evaluate, formats, grading
+from rlt_jax.models import qwen2
+
+_forward = jax.jit(qwen2.forward, static_argnums=0)
+
+
+def eval_tiny_config():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("eval_tiny", REPO / "configs" / "eval_tiny.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def config_for(model_dir, tokenizer_dir, **overrides):
+  cfg = eval_tiny_config()
+  cfg.tiny_models, cfg.model_path, cfg.tokenizer_path = False, str(model_dir), str(tokenizer_dir)
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def argmax_continuation(config, params, prompt_ids, max_new_tokens, stop_ids):
+  """Greedy decoding by full forwards: one fixed [1, P + T] buffer (right padding is invisible to causal attention),
+  the next token = argmax of the logits at the last real position."""
+  P = len(prompt_ids)
+  seq = np.zeros((1, P + max_new_tokens), np.int32)
+  seq[0, :P] = prompt_ids
+  out = []
+  for t in range(max_new_tokens):
+    mask = np.arange(P + max_new_tokens)[None] < P + t
+    nxt = int(np.argmax(np.asarray(_forward(config, params, seq, mask))[0, P + t - 1]))
+    if nxt in stop_ids:
+      return out, True
+    out.append(nxt)
+    seq[0, P + t] = nxt
+  return out, False
+
+
+def check_consistent(workdir, results, name):
+  """The three outputs agree with each other, with grading, and with NumPy's pass@1 and standard error."""
+  rows = read_jsonl(os.path.join(workdir, f"{name}.jsonl"))
+  on_disk = json.load(open(os.path.join(workdir, "results.json")))
+  assert on_disk == json.loads(json.dumps(results))
+  r = results["benchmarks"][name]
+  rates = []
+  for i, row in enumerate(rows):
+    assert row["index"] == i and len(row["responses"]) == r["n_samples"]
+    assert row["correct"] == [grading.is_correct(x, row["gold"]) for x in row["responses"]]
+    assert row["extracted"] == [grading.extract_answer(x) for x in row["responses"]]
+    assert row["pass_rate"] == pytest.approx(np.mean(row["correct"]))
+    rates.append(np.mean(row["correct"]))
+  assert r["n_problems"] == len(rows)
+  assert r["pass@1"] == pytest.approx(np.mean(rates))
+  assert r["stderr"] == pytest.approx(np.std(rates, ddof=1) / np.sqrt(len(rates)))
+  table = open(os.path.join(workdir, "results.md")).read()
+  assert f"| {name} | {100 * r['pass@1']:.2f} | {100 * r['stderr']:.2f} | {len(rows)} | {r['n_samples']} |" in table
+  return rows
+
+
+def test_greedy_sample_eval_matches_forward_argmax_and_regrading(assets, tmp_path):
+  # limit 8 in batches of 3: the last batch (2 problems) is padded with a copy, which must not leak into outputs.
+  cfg = config_for(assets["student"], assets["tokenizer"], limit=8, batch_size=3, max_new_tokens=24)
+  results = evaluate.run(cfg, str(tmp_path))
+  rows = check_consistent(tmp_path, results, "gsm8k")
+  assert len(rows) == 8 and results["benchmarks"]["gsm8k"]["skipped"] == dict(no_answer=0, too_long=0, bad_row=0)
+  with open(data.SAMPLE_PATH) as f:
+    sample = [json.loads(next(f)) for _ in range(8)]
+  assert [r["question"] for r in rows] == [s["question"] for s in sample]
+  assert [r["gold"] for r in rows] == [s["answer"].split("####")[-1].strip().replace(",", "") for s in sample]
+  assert [r["where"] for r in rows] == [f"{data.SAMPLE_PATH}:{i + 1}" for i in range(8)]
+
+  tok = checkpoint.load_tokenizer(assets["tokenizer"])
+  config, params = checkpoint.load_hf(assets["student"])
+  stop = {tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id}
+  for i in (0, 7):  # first batch and the padded last batch
+    messages = [{"role": "system", "content": cfg.format.student_system},
+                {"role": "user", "content": rows[i]["question"]}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    ids, finished = argmax_continuation(config, params, prompt, cfg.max_new_tokens, stop)
+    assert rows[i]["responses"] == [tok.decode(ids, skip_special_tokens=False)]
+    assert rows[i]["finished"] == [finished] and rows[i]["response_tokens"] == [len(ids) + finished]
+
+
+@pytest.fixture(scope="module")
+def boxed7(assets, tmp_path_factory):
+  """A model that replies "\\boxed{7}" to any student prompt, built by hand from the tiny student: with every layer's
+  output projections zeroed, the logits depend on the current token only, and an untied output head maps each token
+  of the chain  <last prompt token> → \\boxed{7} → <|im_end|>  to the next one."""
+  tok = checkpoint.load_tokenizer(assets["tokenizer"])
+  fmt = formats.RLTFormat(tok, student_system=eval_tiny_config().format.student_system)
+  config, params = checkpoint.load_hf(assets["student"])
+  params = jax.tree.map(np.array, params)
+  last_prompt_id = int(tok(fmt.student_prompt_text("q"), add_special_tokens=False)["input_ids"][-1])
+  chain = [last_prompt_id, *tok("\\boxed{7}", add_special_tokens=False)["input_ids"], fmt.eos_id]
+  assert len(set(chain[:-1])) == len(chain) - 1 < config.hidden_size, chain  # a chain, not a loop
+  params["layers"]["attn"]["o_proj"]["kernel"][:] = 0
+  params["layers"]["mlp"]["down_proj"]["kernel"][:] = 0
+  params["final_norm"]["scale"][:] = 1
+  head_DV = np.zeros((config.hidden_size, config.vocab_size), np.float32)
+  for i, (src, dst) in enumerate(zip(chain[:-1], chain[1:])):
+    params["embed"]["embedding"][src] = np.eye(config.hidden_size)[i]  # RMS-normed to sqrt(D)·e_i
+    head_DV[i, dst] = 5.0
+  params["lm_head"] = {"kernel": head_DV}
+  path = tmp_path_factory.mktemp("boxed7")
+  checkpoint.save_hf(config.replace(tie_word_embeddings=False), params, path, tokenizer=tok)
+  return path, assets["tokenizer"]
+
+
+def mixed_benchmark(path):
+  """GSM8K, MATH and custom rows (questions the model was not tuned on), then three rows to skip."""
+  with open(data.SAMPLE_PATH) as f:
+    q = [json.loads(line)["question"] for line in f][200:]
+  rows = [
+      {"question": q[0], "answer": "7"},                                    # custom {question, answer}: right
+      {"problem": q[1], "solution": "…", "answer": "\\frac{14}{2}"},      # MATH: right (math equivalence)
+      {"question": q[2], "answer": "3 + 4 = <<3+4=7>>7\n#### 7"},         # GSM8K: right
+      {"question": q[3], "answer": "8"},                                    # wrong
+      {"problem": q[4], "solution": "…", "answer": "0.7"},                # wrong
+      {"question": q[5], "solution": "…", "answer": "7.0"},               # custom with solution: right
+      {"question": q[6], "answer": "-7"},                                   # wrong
+  ]
+  lines = [json.dumps(r) for r in rows]
+  lines.append(json.dumps({"question": q[7], "answer": "It is 3 + 4.\nSo 7."}))  # line 8: no gold answer
+  lines.append("{broken json")                                                   # line 9: unreadable
+  lines.append(json.dumps({"question": "x " * 2000, "answer": "7"}))            # line 10: prompt too long
+  path.write_text("\n".join(lines) + "\n")
+  return [True, True, True, False, False, True, False]
+
+
+def test_boxed7_student_gets_hand_worked_grades_and_skips_bad_rows(boxed7, tmp_path, caplog):
+  bench = tmp_path / "mixed.jsonl"
+  expected = mixed_benchmark(bench)
+  cfg = config_for(*boxed7, benchmarks=(f"mixed={bench}",), limit=0, batch_size=4, max_new_tokens=12)
+  with caplog.at_level("WARNING", logger="rlt_jax"):
+    results = evaluate.run(cfg, str(tmp_path / "out"))
+  rows = check_consistent(tmp_path / "out", results, "mixed")
+  assert [r["responses"] for r in rows] == [["\\boxed{7}"]] * 7
+  assert [r["correct"] for r in rows] == [[v] for v in expected]
+  r = results["benchmarks"]["mixed"]
+  assert r["pass@1"] == pytest.approx(4 / 7) and r["stderr"] == pytest.approx(math.sqrt(2) / 7)
+  assert r["skipped"] == dict(no_answer=1, too_long=1, bad_row=1)
+  for line, reason in ((8, "no_answer"), (9, "bad_row"), (10, "too_long")):
+    assert any(f"{bench}:{line}" in m and reason in m for m in caplog.messages), (line, caplog.messages)
+
+
+def test_two_samples_at_temperature_one(assets, tmp_path):
+  cfg = config_for(assets["student"], assets["tokenizer"], limit=3, num_samples=2, temperature=1.0,
+                   max_new_tokens=12, batch_size=2)
+  results = evaluate.run(cfg, str(tmp_path))
+  rows = check_consistent(tmp_path, results, "gsm8k")
+  assert len(rows) == 3 and all(len(r["responses"]) == len(r["correct"]) == 2 for r in rows)
+  assert results["benchmarks"]["gsm8k"]["n_samples"] == 2
+  assert any(r["responses"][0] != r["responses"][1] for r in rows)  # two draws, not one draw copied
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(model_path=""), "config.model_path"),
+    (dict(model_path="/no/such/model"), "config.model_path"),
+    (dict(tokenizer_path="/no/such/tokenizer"), "config.tokenizer_path"),
+    (dict(benchmarks=("gsm8k=/no/such/file.jsonl",)), "config.benchmarks[0]"),
+    (dict(benchmarks=("gsm8k",)), "config.benchmarks[0]"),
+    (dict(benchmarks=("a=sample", "a=sample")), "config.benchmarks[1]"),
+    (dict(benchmarks=("bad/name=sample",)), "config.benchmarks[0]"),
+    (dict(benchmarks=()), "config.benchmarks"),
+    (dict(num_samples=0), "config.num_samples"),
+    (dict(num_samples=2, temperature=0.0), "config.num_samples"),
+    (dict(temperature=-1.0), "config.temperature"),
+    (dict(top_p=0.0), "config.top_p"),
+    (dict(max_new_tokens=0), "config.max_new_tokens"),
+    (dict(limit=-1), "config.limit"),
+    (dict(dtype="int8"), "config.dtype"),
+])
+def test_bad_config_names_the_field(assets, change, field):
+  cfg = config_for(assets["student"], assets["tokenizer"])
+  for k, v in change.items():
+    cfg[k] = v
+  with pytest.raises(evaluate.ConfigError, match=r"^" + field.replace("[", r"\[").replace("]", r"\]")):
+    evaluate.validate(cfg)
+
+
+def test_configs_validate_and_cli_reports_errors(tmp_path):
+  assert evaluate.validate(eval_tiny_config()) == [("gsm8k", str(data.SAMPLE_PATH))]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  for config, extra, field in (("eval_tiny.py", ["--config.num_samples=0"], "config.num_samples"),
+                               ("eval_qwen2.5_7b.py", [], "config.model_path")):
+    proc = subprocess.run([sys.executable, "-m", "rlt_jax.evaluate", f"--config=configs/{config}",
+                           f"--workdir={tmp_path}", *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and f"error: {field}" in proc.stderr, proc.stderr[-2000:]
