@@ -80,6 +80,15 @@ def test_quickstart(assets, kernel_dir, tmp_path):
   assert "background:#b7e4c7" in spans and "background:#ffd8a8" in spans  # explanation and solution tokens
   text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
   assert "step   6  reward" in text and "every component rlt_reward returns" in text
+  # The last section: the exported teacher explains 8 items, a student is distilled on them and graded.
+  distilled = [json.loads(line) for line in open(workdir / "distill" / "distill.jsonl")]
+  skipped = [json.loads(line) for line in open(workdir / "distill" / "skipped.jsonl")]
+  assert sorted(r["index"] for r in distilled + skipped) == list(range(8))
+  results = json.loads((workdir / "eval" / "results.json").read_text())
+  assert results["model_path"] == str(workdir / "student_sft" / "export")
+  assert results["benchmarks"]["gsm8k"]["n_problems"] == 8
+  assert any("| gsm8k |" in o.get("text/markdown", "") for c in nb.cells if c.cell_type == "code"
+             for o in c.outputs for o in [o.get("data", {})])
   assert not any(p.name.startswith("rlt_runs") for p in NOTEBOOKS.iterdir())  # nothing landed in the repo
 
 
