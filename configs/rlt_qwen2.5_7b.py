@@ -35,7 +35,7 @@ def get_config():
   c.grpo.weight_decay = 0.0
   c.grpo.max_grad_norm = 1.0
   c.grpo.loss_aggregation = "sequence_mean"
-  c.grpo.micro_batches = 256
+  c.grpo.micro_batches = 128  # 8 rows a micro-batch: batch_size / micro_batches should be a multiple of data×fsdp
   c.reward.answer_log_prob_coeff = (1.0, 0.01)
   c.reward.kl_penalty_coeff = (3.0, 0.03)
   c.reward.not_matched_penalty = -1.0

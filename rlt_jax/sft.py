@@ -204,7 +204,8 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   optimizer, schedule = grpo.make_optimizer(opt_cfg), grpo.learning_rate_schedule(opt_cfg)
   sc = SFTStepConfig(mc, int(cfg.logprob_chunk_size), int(cfg.micro_batches))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state = {"params": params, "opt_state": jax.jit(optimizer.init)(params), "step": jnp.zeros((), jnp.int32)}
+  state = {"params": params, "opt_state": grpo.init_optimizer_state(optimizer, params),
+           "step": jnp.zeros((), jnp.int32)}
   state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
                        else jax.device_put(x, replicated), state)
   shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -241,7 +242,8 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       dt = time.perf_counter() - t0
       last = dict(m, tokens_per_s=float(np.sum(batch["segment_ids"] > 0)) / dt,
-                  fill=float(np.mean(batch["segment_ids"] > 0)), rows_skipped=sum(stats.total_bad.values()))
+                  fill=float(np.mean(batch["segment_ids"] > 0)), rows_used=stats.total_ok,
+                  rows_skipped=sum(stats.total_bad.values()))
       writer.write(step + 1, last)
       bar.update(1)
       bar.set_postfix(loss=f"{m['loss']:.4f}")

@@ -113,3 +113,29 @@ def test_mix_reference_and_optimizer():
 def test_bad_config_names_the_field(field, value, msg):
   with pytest.raises(ValueError, match=msg):
     grpo.GRPOConfig(**{field: value})
+
+
+def test_optimizer_state_is_sharded_like_the_params():
+  from rlt_jax import checkpoint, sharding
+  from rlt_jax.models import init_params
+  from rlt_jax.models.config import ModelConfig
+  config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=8)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+  params = checkpoint.shard_params(init_params(config, jax.random.key(0)), mesh, config)
+  opt = grpo.make_optimizer(grpo.GRPOConfig(weight_decay=0.1))
+  state = grpo.init_optimizer_state(opt, params)
+  adam = state[1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
+  for moments in (adam.mu, adam.nu):
+    for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(moments)):
+      assert m.sharding.is_equivalent_to(p.sharding, p.ndim) and m.shape == p.shape
+      np.testing.assert_array_equal(np.asarray(m), 0)
+  assert adam.count.sharding.is_fully_replicated
+  # Per device, the moments take what the params take (not a whole model each), and the update agrees with plain init.
+  local = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
+  assert local(adam.mu) == local(params) < sum(x.nbytes for x in jax.tree.leaves(params))
+  grads = jax.tree.map(jnp.ones_like, params)
+  a, _ = opt.update(grads, state, params)
+  b, _ = opt.update(grads, opt.init(params), params)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
