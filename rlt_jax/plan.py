@@ -324,7 +324,9 @@ def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, devi
   rules = sharding.normalize_rules(cfg.sharding_rules or sharding.DEFAULT_RULES)
   mesh = abstract_mesh(mesh_sizes)
   G, block, chunk = cfg.group_size, attention_block, cfg.logprob_chunk_size
-  prompts = cfg.batch_size // G if prompts is None else prompts
+  if prompts is None:  # prompts per sampler call and rows per reward call, as train.run splits the step
+    prompts = int(cfg.get("sample_micro_batch", 0)) or cfg.batch_size // G
+  reward_rows = int(cfg.get("reward_micro_batch", 0)) or cfg.batch_size
   P, N, S = cfg.max_prompt_len, cfg.max_new_tokens, cfg.max_student_len
   td, sd = dims(teacher, mesh, rules), dims(student, mesh, rules)
   resident = dict(params=params_device_bytes(teacher, mesh, rules),
@@ -334,11 +336,12 @@ def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, devi
   resident_total = sum(resident.values()) + 8  # + step counters
   rows, prompts_dev = _local("batch", cfg.batch_size, mesh, rules), _local("batch", prompts, mesh, rules)
   samp = sample_bytes(td, prompts_dev, _local("batch", prompts * G, mesh, rules), P, N, block)
-  t_fw, s_fw = forward_bytes(td, rows, P + N, block, chunk), forward_bytes(sd, rows, S, block, chunk)
+  fw_rows = _local("batch", reward_rows, mesh, rules)  # one reward micro-batch's rows on a device
+  t_fw, s_fw = forward_bytes(td, fw_rows, P + N, block, chunk), forward_bytes(sd, fw_rows, S, block, chunk)
   reward_inputs = rows * ((P + N) * 6 + S * 7 + 1)  # int32 ids, bool masks
   # The two forwards are independent, so XLA may start one while the other runs: allow for the other's embedded
   # input and residual stream (2·D a token) beside each, and the teacher's [rows, P+N] fp32 log-probs.
-  stream = lambda d, T: 2 * rows * T * d.D * d.c  # noqa: E731
+  stream = lambda d, T: 2 * fw_rows * T * d.D * d.c  # noqa: E731
   reward_temp = max(t_fw["temp"] + stream(sd, S), s_fw["temp"] + stream(td, P + N)) + rows * (P + N) * F32
   mb_rows = _local("batch", cfg.batch_size // g.micro_batches, mesh, rules)
   by_remat = {r: update_bytes(td, mb_rows, P + N, r, block, chunk)
@@ -362,9 +365,9 @@ def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, devi
   peak = max(phases, key=lambda k: phases[k]["total"])
   total = phases[peak]["total"]
   notes = _notes(cfg, teacher, td, mesh_sizes, prompts, mb_rows, g.micro_batches)
-  if peak == "reward":
-    notes.append(f"rewards.rlt_rewards scores all {cfg.batch_size} rows of a step in one call ({rows} a device); "
-                 "it has no micro-batching")
+  if peak == "reward" and reward_rows == cfg.batch_size:
+    notes.append(f"the reward scores all {cfg.batch_size} rows of a step at once ({rows} a device); set "
+                 "config.reward_micro_batch to score them in parts")
   return dict(
       mesh=dict(mesh_sizes), devices=math.prod(mesh_sizes.values()), params_bytes=resident["params"],
       opt_state_bytes=resident["opt_state"], ref_params_bytes=resident["ref_params"],

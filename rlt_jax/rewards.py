@@ -236,9 +236,28 @@ def rlt_reward(student_solution_logp, solution_mask, teacher_explanation_logp, s
 
 
 # -------------------------------------------------------------------------------------------- models -> reward
-@functools.partial(jax.jit, static_argnames=("teacher_config", "student_config", "reward_config", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=("teacher_config", "student_config", "reward_config", "chunk_size",
+                                             "micro_batch"))
 def _rlt_rewards_jit(teacher_config, teacher_params, student_config, student_params, teacher_ids, teacher_mask,
                      teacher_expl, student_ids, student_mask, student_expl, solution_mask, matched, reward_config,
+                     chunk_size, micro_batch):
+  args = (teacher_ids, teacher_mask, teacher_expl, student_ids, student_mask, student_expl, solution_mask, matched)
+  one = functools.partial(_rewards_of_rows, teacher_config, teacher_params, student_config, student_params,
+                          reward_config=reward_config, chunk_size=chunk_size)
+  B = teacher_ids.shape[0]
+  if not micro_batch or micro_batch >= B:
+    return one(*args)
+  # Row r goes to part r % n, so each part takes the same slice of every device's rows (no data moves between
+  # devices when micro_batch is a multiple of the batch shards); one part's activations are live at a time.
+  n = B // micro_batch
+  split = lambda x: jnp.swapaxes(x.reshape(micro_batch, n, *x.shape[1:]), 0, 1)  # noqa: E731
+  merge = lambda x: jnp.swapaxes(x, 0, 1).reshape(B, *x.shape[2:])  # noqa: E731
+  out = jax.lax.map(lambda a: one(*a), tuple(split(x) for x in args))
+  return jax.tree.map(merge, out)
+
+
+def _rewards_of_rows(teacher_config, teacher_params, student_config, student_params, teacher_ids, teacher_mask,
+                     teacher_expl, student_ids, student_mask, student_expl, solution_mask, matched, *, reward_config,
                      chunk_size):
   rows = lambda x: sharding.constrain(x, ("batch", "length"))  # noqa: E731  batch over (data, fsdp)
   teacher_ids, teacher_mask, teacher_expl = rows(teacher_ids), rows(teacher_mask), rows(teacher_expl)
@@ -259,7 +278,7 @@ def _rlt_rewards_jit(teacher_config, teacher_params, student_config, student_par
 def rlt_rewards(teacher_config: ModelConfig, teacher_params, student_config: ModelConfig, student_params,
                 teacher_ids, teacher_attention_mask, teacher_explanation_mask, student_ids, student_attention_mask,
                 student_explanation_mask, solution_mask, matched, reward_config: RewardConfig = RewardConfig(), *,
-                chunk_size: int = 512):
+                chunk_size: int = 512, micro_batch: int = 0):
   """Rewards of a batch of teacher completions in one jitted call (configs and chunk_size static).
 
   teacher_ids [B, Tt]: teacher prompt + completion; teacher_explanation_mask marks the explanation tokens in it.
@@ -269,6 +288,9 @@ def rlt_rewards(teacher_config: ModelConfig, teacher_params, student_config: Mod
   Returns (reward [B], metrics (see `rlt_reward`, plus explanation_length_mismatch), teacher log-probs [B, Tt]:
   the per-token ℓ_t of the whole teacher sequence, which GRPO reuses as the old-policy log-probs).
   Host (NumPy) masks are checked for span/count errors before the call; device arrays only for shapes.
+  micro_batch: score the rows in parts of this many (0 = all at once) inside the same call, so only one part's
+  activations are live: a step's 1,024 rows of 32k tokens do not fit a device at once. B must divide into parts,
+  and each part should split over the batch shards (data × fsdp).
   """
   if not isinstance(teacher_config, ModelConfig) or not isinstance(student_config, ModelConfig):
     raise TypeError("rlt_rewards: teacher_config and student_config must be ModelConfig")
@@ -288,12 +310,15 @@ def rlt_rewards(teacher_config: ModelConfig, teacher_params, student_config: Mod
   if shapes["student_ids"][0] != B or shapes["matched"] != (B,):
     raise ValueError(f"rlt_rewards: batch sizes differ: teacher_ids {shapes['teacher_ids']}, student_ids "
                      f"{shapes['student_ids']}, matched {shapes['matched']}")
+  if micro_batch and micro_batch < B and B % micro_batch:
+    raise ValueError(f"rlt_rewards: micro_batch={micro_batch} does not divide the batch of {B} rows")
   host = {k: v for k, v in {**t_args, **s_args}.items() if isinstance(v, np.ndarray)}
   if len(host) == len(t_args) + len(s_args):
     _check_host_inputs(teacher_config, student_config, host)
   return _rlt_rewards_jit(teacher_config, teacher_params, student_config, student_params, teacher_ids,
                           teacher_attention_mask, teacher_explanation_mask, student_ids, student_attention_mask,
-                          student_explanation_mask, solution_mask, matched, reward_config, int(chunk_size))
+                          student_explanation_mask, solution_mask, matched, reward_config, int(chunk_size),
+                          int(micro_batch))
 
 
 def _check_host_inputs(teacher_config, student_config, a: dict) -> None:
