@@ -343,6 +343,8 @@ def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, devi
   # input and residual stream (2·D a token) beside each, and the teacher's [rows, P+N] fp32 log-probs.
   stream = lambda d, T: 2 * fw_rows * T * d.D * d.c  # noqa: E731
   reward_temp = max(t_fw["temp"] + stream(sd, S), s_fw["temp"] + stream(td, P + N)) + rows * (P + N) * F32
+  if reward_rows < cfg.batch_size:  # in parts (a lax.map), XLA keeps both output kernels live across the loop
+    reward_temp += sum(d.D * d.V * d.c for d in (td, sd) if d.tied or d.fsdp > 1)
   mb_rows = _local("batch", cfg.batch_size // g.micro_batches, mesh, rules)
   by_remat = {r: update_bytes(td, mb_rows, P + N, r, block, chunk)
               for r in ("none", "dots", "full")}

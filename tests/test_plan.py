@@ -98,20 +98,21 @@ def test_update_step_memory_is_the_compiled_steps(remat):
       p["activation_bytes_by_remat"]["none"]
 
 
-def test_reward_forward_memory_is_the_compiled_rewards():
-  cfg = small_config()
+@pytest.mark.parametrize("micro_batch", [0, 2])  # all 8 rows at once | 4 parts of 2 rows
+def test_reward_forward_memory_is_the_compiled_rewards(micro_batch):
+  cfg = small_config(reward_micro_batch=micro_batch)
   teacher, student, p = cpu_plan(cfg)
   B, Tt, Ts = cfg.batch_size, cfg.max_prompt_len + cfg.max_new_tokens, cfg.max_student_len
   ids, mask = lambda T: sds((B, T), jnp.int32), lambda T: sds((B, T), bool)  # noqa: E731
   ma = rewards._rlt_rewards_jit.lower(
       teacher, qwen2.param_shapes(teacher), student, qwen2.param_shapes(student), ids(Tt), mask(Tt), mask(Tt),
       ids(Ts), mask(Ts), mask(Ts), mask(Ts), sds((B,), bool), rewards.RewardConfig(),
-      cfg.logprob_chunk_size).compile().memory_analysis()
+      cfg.logprob_chunk_size, micro_batch).compile().memory_analysis()
   rew = p["phases"]["reward"]
   assert ma.argument_size_in_bytes == p["params_bytes"] + p["student_params_bytes"] + rew["inputs"]
   close(rew["temp"], ma.temp_size_in_bytes, "reward forward temporaries")
   # The vocabulary side: two fp32 [rows, chunk, V] buffers (the docstring of rewards.token_logprobs).
-  assert rew["logprob_chunks"] == 2 * B * cfg.logprob_chunk_size * teacher.vocab_size * 4
+  assert rew["logprob_chunks"] == 2 * (micro_batch or B) * cfg.logprob_chunk_size * teacher.vocab_size * 4
 
 
 def test_kv_cache_and_sampler_memory_are_the_compiled_samplers():
