@@ -2,16 +2,18 @@
 models/tokenizer/mesh/data from config, orbax checkpoints, the progress bar and the end-of-run summary."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
+import math
 import os
 
 import jax
 import ml_collections
 import numpy as np
 
-from rlt_jax import checkpoint, data, formats, grpo, rewards, sharding, tiny
+from rlt_jax import checkpoint, data, distributed, formats, grpo, rewards, sharding, tiny
 from rlt_jax.models.config import ModelConfig
 
 _log = logging.getLogger("rlt_jax")
@@ -79,6 +81,8 @@ def validate(cfg) -> tuple[grpo.GRPOConfig, rewards.RewardConfig]:
   prompts = cfg.batch_size // cfg.group_size
   need(prompts % jax.process_count() == 0, "batch_size",
        f"gives {prompts} prompts a step, not divisible by the {jax.process_count()} processes")
+  need(cfg.num_devices == 0 or jax.process_count() == 1, "num_devices",
+       f"must be 0 (every device) with {jax.process_count()} processes: the mesh needs every process's devices")
   for f in ("max_prompt_len", "max_new_tokens", "max_student_len", "steps", "checkpoint_every",
             "logprob_chunk_size", "max_bad_steps", "keep_checkpoints"):
     need(int(cfg[f]) >= 1, f, "must be >= 1")
@@ -131,14 +135,23 @@ def _sample_rows(path) -> list[dict]:
 def setup(cfg, workdir: str) -> RunSetup:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO through absl
+  if jax.process_index() != 0:  # progress and info once, from process 0; warnings (e.g. bad rows) from every one
+    logging.getLogger("rlt_jax").setLevel(logging.WARNING)
   g, r = validate(cfg)
   os.makedirs(workdir, exist_ok=True)
   teacher_path, student_path = cfg.teacher_path, cfg.student_path
   tok_path = cfg.tokenizer_path or teacher_path
   if not teacher_path:  # the default tiny run: everything built locally, no network
     overrides = {k: v for k, v in cfg.format.to_dict().items() if v}
+    # With several processes, process 0 builds first, so processes sharing the workdir's filesystem never write the
+    # same files at once; the others then find them built (or, on a disk of their own, build the same seeded models).
+    several = jax.process_count() > 1
+    if several and jax.process_index() != 0:
+      _barrier("rlt_jax tiny models")
     paths = tiny.ensure_assets(os.path.join(workdir, "tiny_models"), _sample_rows(data.SAMPLE_PATH),
                                format_overrides=overrides, **cfg.tiny.to_dict())
+    if several and jax.process_index() == 0:
+      _barrier("rlt_jax tiny models")
     teacher_path, student_path, tok_path = paths["teacher"], paths["student"], paths["tokenizer"]
   tokenizer = checkpoint.load_tokenizer(tok_path)
   overrides = {k: v for k, v in cfg.format.to_dict().items() if k != "style" and v}
@@ -162,6 +175,11 @@ def setup(cfg, workdir: str) -> RunSetup:
                           if isinstance(i, int) and i >= 0}))
   return RunSetup(cfg, tokenizer, fmt, mesh, rules, tc.replace(**model_kw), tp, sc.replace(**model_kw), sp, g, r,
                   dataset, eos_ids)
+
+
+def _barrier(name: str) -> None:
+  from jax.experimental import multihost_utils
+  multihost_utils.sync_global_devices(name)
 
 
 def _check_student_len(cfg, fmt: formats.RLTFormat) -> None:
@@ -192,7 +210,11 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state) -> None:
+    """Every process calls it. Each process's data iterator stands at its own place in its own shard, and orbax
+    writes JSON from process 0 only: with several processes the states of all of them are gathered and saved."""
     ocp = self._ocp
+    if jax.process_count() > 1:
+      data_state = {"process_states": distributed.allgather_objects(data_state)}
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     data=ocp.args.JsonSave(data_state)))
 
@@ -209,10 +231,49 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                              data=ocp.args.JsonRestore()))
     _log.info("resumed from %s at step %d", self.directory, step)
-    return out["state"], out["data"]
+    saved = out["data"]
+    states = saved["process_states"] if isinstance(saved, dict) and "process_states" in saved else [saved]
+    if len(states) != jax.process_count():
+      _log.info("data position written by %d processes, re-dealt to %d", len(states), jax.process_count())
+      states = redeal_data_states(states, jax.process_count())
+    return out["state"], states[jax.process_index()]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
+
+
+def redeal_data_states(states: list[dict], processes: int) -> list[dict]:
+  """Data-iterator states of a run with len(states) processes, for the same stream read by `processes` processes.
+
+  data.make_dataset deals stream element g to process g mod count, and a state's parent.next_index counts the
+  elements that process has taken (rows.* are statistics only). Everything before the first element some process has
+  not taken is consumed; the new processes start right there. When bad rows made the old processes take different
+  numbers of elements, the few later elements already taken are read again (logged)."""
+  n = len(states)
+  try:
+    taken = [int(s["parent"]["next_index"]) for s in states]
+    stats = [s["rows"] for s in states]
+    add = lambda key: sum((collections.Counter(r[key]) for r in stats), collections.Counter())  # noqa: E731
+    examples = {}
+    for r in stats:
+      for reason, wheres in r["examples"].items():
+        examples[reason] = (examples.get(reason, []) + list(wheres))[:3]
+    merged = dict(epoch=min(r["epoch"] for r in stats), ok=sum(r["ok"] for r in stats), bad=dict(add("bad")),
+                  total_ok=sum(r["total_ok"] for r in stats), total_bad=dict(add("total_bad")), examples=examples,
+                  reported=min(r["reported"] for r in stats))
+  except (KeyError, TypeError, ValueError, AttributeError):
+    raise ConfigError(f"the checkpoint's data position (written by {n} processes) cannot be re-dealt to {processes} "
+                      "processes: unexpected iterator state (packed SFT data?); resume with the process count that "
+                      "wrote it") from None
+  first = min(p + n * m for p, m in enumerate(taken))
+  again = sum(max(0, m - math.ceil((first - p) / n)) for p, m in enumerate(taken))
+  if again:
+    _log.warning("data: %d rows taken by some of the %d old processes are read again by the %d new ones", again, n,
+                 processes)
+  empty = dict(merged, ok=0, bad={}, total_ok=0, total_bad={}, examples={})
+  # New process q takes elements q, q + processes, ...: those below `first` are consumed.
+  return [{"parent": dict(states[0]["parent"], next_index=max(0, math.ceil((first - q) / processes))),
+           "rows": merged if q == 0 else empty} for q in range(processes)]
 
 
 def progress(total: int, initial: int, desc: str = "rlt", unit: str = "step"):
@@ -268,12 +329,15 @@ def cli(run) -> None:
                                            lock_config=True)
   workdir = flags.DEFINE_string("workdir", None, "Run directory (default: the config's `workdir`).")
   flags.mark_flag_as_required("config")
+  dist = distributed.define_flags()
 
   def main(argv):
     del argv
     try:
+      # Before anything touches JAX devices; a no-op for one process.
+      distributed.initialize(**{k: v.value for k, v in dist.items()})
       run(config.value, workdir.value or config.value.workdir)
-    except ConfigError as e:
+    except (ConfigError, distributed.DistributedError) as e:
       sys.exit(f"error: {e}")
 
   app.run(main)

@@ -7,6 +7,10 @@ One step: a batch of prompts (question + reference solution) → G explanations 
 (`rewards`, whose teacher log-probs are reused as GRPO's old log-probs) → group advantages → one optax update
 (`grpo`). Teacher, reference and student live on one mesh. A restart in the same workdir resumes from the last
 checkpoint (params, optimizer, reference, step, data-iterator state; the sampling key is derived from the step).
+
+With several processes (`distributed`) each reads its own shard of the data; the prompts are then gathered so that
+every process holds the step's whole batch on the host (in the order one process would read it) and lays out all
+rows' sequences itself, and device inputs become global arrays of the mesh. Only process 0 writes metrics.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlt_jax import checkpoint, data, grpo, metrics, rewards, run_setup, sampling, sharding
+from rlt_jax import checkpoint, data, distributed, grpo, metrics, rewards, run_setup, sampling, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,15 +74,18 @@ def _train_step(sc: StepConfig, optimizer, state, batch):
 
 
 def rollout(rs: run_setup.RunSetup, params, batch: dict, step: int):
-  """Samples G completions per prompt and lays out the teacher and student sequences (host NumPy)."""
+  """Samples G completions per prompt and lays out the teacher and student sequences (host NumPy, all rows of the
+  global batch on every process)."""
   cfg, G = rs.config, rs.config.group_size
   key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+  rows = lambda x: distributed.global_rows(x, rs.mesh, rs.rules)  # noqa: E731
   with sharding.use_mesh(rs.mesh, rs.rules):
-    out = sampling.sample(rs.teacher_config, params, batch["prompt_ids"], batch["prompt_mask"], key,
+    out = sampling.sample(rs.teacher_config, params, rows(batch["prompt_ids"]), rows(batch["prompt_mask"]), key,
                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                           top_p=cfg.top_p if cfg.top_p < 1 else None, eos_ids=rs.eos_ids, num_samples=G,
                           pad_id=rs.fmt.pad_id)
-  tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+  # The sampled ids are small: every process takes all of them (an all-gather when they span processes).
+  tokens, lengths = distributed.to_host((out.tokens, out.lengths))
   rep = lambda xs: [x for x in xs for _ in range(G)]  # noqa: E731  rows b·G … b·G+G−1 belong to prompt b
   prompt_ids, prompt_mask = np.repeat(batch["prompt_ids"], G, 0), np.repeat(batch["prompt_mask"], G, 0)
   prompt_lens = prompt_mask.sum(1)
@@ -122,7 +129,7 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
                   int(cfg.logprob_chunk_size))
   optimizer = grpo.make_optimizer(rs.grpo_config)
   replicated = jax.sharding.NamedSharding(rs.mesh, jax.sharding.PartitionSpec())
-  state = {"params": rs.teacher_params, "opt_state": jax.jit(optimizer.init)(rs.teacher_params),
+  state = {"params": rs.teacher_params, "opt_state": grpo.init_optimizer_state(optimizer, rs.teacher_params),
            "ref_params": jax.tree.map(jnp.copy, rs.teacher_params), "step": jnp.zeros((), jnp.int32),
            "bad_steps": jnp.zeros((), jnp.int32)}
   # Everything on the mesh (scalars such as Adam's count replicated) ...
@@ -143,24 +150,28 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   last = {}
   for step in range(start, cfg.steps):
     t0 = time.perf_counter()
-    batch = next(it)
+    batch = distributed.gather_rows(next(it))  # one process: its batch as it is
     ro = rollout(rs, state["params"], batch, step)
     t1 = time.perf_counter()
-    st = ro["student"]
+    # Several processes: the host arrays become global arrays of the mesh (one process: the NumPy arrays as before).
+    dev = {k: distributed.global_rows(v, rs.mesh, rs.rules) for k, v in
+           [*ro["student"].items(), *((k, ro[k]) for k in ("teacher_ids", "teacher_mask", "teacher_expl"))]}
     with sharding.use_mesh(rs.mesh, rs.rules):
       reward, rm, teacher_logp = rewards.rlt_rewards(
-          rs.teacher_config, state["params"], rs.student_config, rs.student_params, ro["teacher_ids"],
-          ro["teacher_mask"], ro["teacher_expl"], st["input_ids"], st["attention_mask"], st["explanation_mask"],
-          st["solution_mask"], st["matched"], rs.reward_config, chunk_size=cfg.logprob_chunk_size)
+          rs.teacher_config, state["params"], rs.student_config, rs.student_params, dev["teacher_ids"],
+          dev["teacher_mask"], dev["teacher_expl"], dev["input_ids"], dev["attention_mask"], dev["explanation_mask"],
+          dev["solution_mask"], dev["matched"], rs.reward_config, chunk_size=cfg.logprob_chunk_size)
       advantages = grpo.group_advantages(reward, cfg.group_size, eps=rs.grpo_config.advantage_eps,
                                          scale=rs.grpo_config.advantage_scale)
       jax.block_until_ready(advantages)
       t2 = time.perf_counter()
-      state, upd = train_step(state, {"ids": ro["teacher_ids"], "mask": ro["teacher_mask"],
+      state, upd = train_step(state, {"ids": dev["teacher_ids"], "mask": dev["teacher_mask"],
                                       "old_logp": teacher_logp, "advantages": advantages})
-      upd = jax.device_get(upd)
+      upd = distributed.to_host(upd)
     t3 = time.perf_counter()
-    last = _summary_scalars(reward, rm, upd, ro, np.asarray(advantages), cfg.max_new_tokens)
+    # Metrics from every row of the step (gathered from all processes when the arrays span several).
+    reward, rm, advantages = distributed.to_host((reward, rm, advantages))
+    last = _summary_scalars(reward, rm, upd, ro, advantages, cfg.max_new_tokens)
     last.update(time_sample=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2,
                 tokens_per_s=float(ro["lengths"].sum()) / (t3 - t0))
     writer.write(step + 1, last, rows=batch["where"])
