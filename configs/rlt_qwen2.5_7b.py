@@ -35,7 +35,12 @@ def get_config():
   c.grpo.weight_decay = 0.0
   c.grpo.max_grad_norm = 1.0
   c.grpo.loss_aggregation = "sequence_mean"
-  c.grpo.micro_batches = 128  # 8 rows a micro-batch: batch_size / micro_batches should be a multiple of data×fsdp
+  # Sized for 8 × H100 (python -m rlt_jax.plan --config configs/rlt_qwen2.5_7b.py --chip h100 --mesh
+  # data=1,fsdp=8,tensor=1): each part should split over data × fsdp. On a v5p-64 (32 chips):
+  # --config.grpo.micro_batches=32 --config.sample_micro_batch=16 --config.reward_micro_batch=256.
+  c.grpo.micro_batches = 128   # update in parts of 8 rows
+  c.sample_micro_batch = 8     # prompts (× 64 samples) per sampler call
+  c.reward_micro_batch = 64    # rows per reward part
   c.reward.answer_log_prob_coeff = (1.0, 0.01)
   c.reward.kl_penalty_coeff = (3.0, 0.03)
   c.reward.not_matched_penalty = -1.0

@@ -15,8 +15,8 @@ a dimension a mesh axis does not divide is replicated, as `sharding.logical_to_s
     step counts), reference params, student params (train.run keeps all four for the whole run).
   sample:  `sampling.prefill` (the prompt KV cache and one layer's forward temporaries), then `sampling.decode`
     (prompt cache, its heads-first copy, the generation cache, one layer's cache slices, [rows, V] fp32 logits).
-  reward:  `rewards.rlt_rewards` on all `batch_size` rows: teacher then student forward, one layer's temporaries or
-    the fp32 [rows, chunk, V] log-prob chunks, whichever is larger.
+  reward:  `rewards.rlt_rewards` on one `reward_micro_batch` part: teacher then student forward, one layer's
+    temporaries or the fp32 [rows, chunk, V] log-prob chunks, whichever is larger.
   update:  `train._train_step` on one micro-batch: gradients (plus an accumulator with micro_batches > 1), per-layer
     residuals saved for the backward pass (remat none | dots | full), and the backward of one layer (or of the chunked
     log-prob head): the larger of its MLP and blocked-attention working sets.
@@ -325,8 +325,8 @@ def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, devi
   mesh = abstract_mesh(mesh_sizes)
   G, block, chunk = cfg.group_size, attention_block, cfg.logprob_chunk_size
   if prompts is None:  # prompts per sampler call and rows per reward call, as train.run splits the step
-    prompts = int(cfg.get("sample_micro_batch", 0)) or cfg.batch_size // G
-  reward_rows = int(cfg.get("reward_micro_batch", 0)) or cfg.batch_size
+    prompts = int(cfg.sample_micro_batch) or cfg.batch_size // G
+  reward_rows = int(cfg.reward_micro_batch) or cfg.batch_size
   P, N, S = cfg.max_prompt_len, cfg.max_new_tokens, cfg.max_student_len
   td, sd = dims(teacher, mesh, rules), dims(student, mesh, rules)
   resident = dict(params=params_device_bytes(teacher, mesh, rules),

@@ -53,6 +53,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_devices = 0          # 0 = every device; n = only the first n (to compare layouts on one machine)
   c.sharding_rules = ()      # () = sharding.DEFAULT_RULES; else (logical, mesh axes) pairs
   c.logprob_chunk_size = 512
+  c.sample_micro_batch = 0   # prompts per sampler call (0 = the step's prompts in one call); see rlt_jax.plan
+  c.reward_micro_batch = 0   # rows per reward part inside the reward call (0 = all at once)
+  c.overlap = False          # sample step k+1 from θ_k while the update θ_k → θ_k+1 runs (one step off-policy)
   c.checkpoint_every = 25
   c.keep_checkpoints = 3
   c.resume = True
@@ -86,6 +89,10 @@ def validate(cfg) -> tuple[grpo.GRPOConfig, rewards.RewardConfig]:
   for f in ("max_prompt_len", "max_new_tokens", "max_student_len", "steps", "checkpoint_every",
             "logprob_chunk_size", "max_bad_steps", "keep_checkpoints"):
     need(int(cfg[f]) >= 1, f, "must be >= 1")
+  need(cfg.sample_micro_batch >= 0 and (not cfg.sample_micro_batch or prompts % cfg.sample_micro_batch == 0),
+       "sample_micro_batch", f"must be 0 or divide the {prompts} prompts of a step")
+  need(cfg.reward_micro_batch >= 0 and (not cfg.reward_micro_batch or cfg.batch_size % cfg.reward_micro_batch == 0),
+       "reward_micro_batch", f"must be 0 or divide config.batch_size={cfg.batch_size}")
   need(cfg.temperature > 0, "temperature", "must be > 0 (GRPO needs sampled, not greedy, completions)")
   need(0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
   need(0 <= cfg.log_completions_fraction <= 1, "log_completions_fraction", "must be in [0, 1]")

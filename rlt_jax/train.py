@@ -73,19 +73,38 @@ def _train_step(sc: StepConfig, optimizer, state, batch):
   return new_state, m
 
 
-def rollout(rs: run_setup.RunSetup, params, batch: dict, step: int):
-  """Samples G completions per prompt and lays out the teacher and student sequences (host NumPy, all rows of the
-  global batch on every process)."""
+def sample_step(rs: run_setup.RunSetup, params, batch: dict, step: int) -> list:
+  """Dispatches the step's sampling (asynchronously: device arrays come back at once) in calls of
+  `config.sample_micro_batch` prompts (0 = all in one call). Each call stops when its own rows have finished, so
+  smaller calls idle less behind their longest row; every call has the same shapes and compiles once."""
   cfg, G = rs.config, rs.config.group_size
   key = jax.random.fold_in(jax.random.key(cfg.seed), step)
   rows = lambda x: distributed.global_rows(x, rs.mesh, rs.rules)  # noqa: E731
+  n = len(batch["prompt_ids"])
+  m = int(cfg.sample_micro_batch) or n
+  outs = []
   with sharding.use_mesh(rs.mesh, rs.rules):
-    out = sampling.sample(rs.teacher_config, params, rows(batch["prompt_ids"]), rows(batch["prompt_mask"]), key,
-                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                          top_p=cfg.top_p if cfg.top_p < 1 else None, eos_ids=rs.eos_ids, num_samples=G,
-                          pad_id=rs.fmt.pad_id)
+    for i in range(0, n, m):
+      outs.append(sampling.sample(
+          rs.teacher_config, params, rows(batch["prompt_ids"][i:i + m]), rows(batch["prompt_mask"][i:i + m]),
+          key if m == n else jax.random.fold_in(key, i // m), max_new_tokens=cfg.max_new_tokens,
+          temperature=cfg.temperature, top_p=cfg.top_p if cfg.top_p < 1 else None, eos_ids=rs.eos_ids,
+          num_samples=G, pad_id=rs.fmt.pad_id))
+  return outs
+
+
+def rollout(rs: run_setup.RunSetup, params, batch: dict, step: int):
+  """Samples G completions per prompt and lays out the teacher and student sequences (host NumPy, all rows of the
+  global batch on every process)."""
+  return finish_rollout(rs, batch, sample_step(rs, params, batch, step))
+
+
+def finish_rollout(rs: run_setup.RunSetup, batch: dict, outs: list):
+  """The host half of a rollout: sampled ids → student examples and the teacher/student arrays of the step."""
+  cfg, G = rs.config, rs.config.group_size
   # The sampled ids are small: every process takes all of them (an all-gather when they span processes).
-  tokens, lengths = distributed.to_host((out.tokens, out.lengths))
+  parts = distributed.to_host([(o.tokens, o.lengths, o.logprobs) for o in outs])
+  tokens, lengths, sample_logp = (np.concatenate([p[j] for p in parts]) for j in range(3))
   rep = lambda xs: [x for x in xs for _ in range(G)]  # noqa: E731  rows b·G … b·G+G−1 belong to prompt b
   prompt_ids, prompt_mask = np.repeat(batch["prompt_ids"], G, 0), np.repeat(batch["prompt_mask"], G, 0)
   prompt_lens = prompt_mask.sum(1)
@@ -100,7 +119,15 @@ def rollout(rs: run_setup.RunSetup, params, batch: dict, step: int):
   teacher_expl = (np.arange(P + N)[None] >= P) & (np.arange(P + N)[None] < P + k)
   return dict(teacher_ids=np.concatenate([prompt_ids, tokens], 1).astype(np.int32),
               teacher_mask=np.concatenate([prompt_mask, completion_mask], 1), teacher_expl=teacher_expl,
-              student=student, lengths=lengths, examples=examples)
+              student=student, lengths=lengths, examples=examples,
+              sample_logp=np.concatenate([np.zeros((len(tokens), P), np.float32), sample_logp], 1))
+
+
+def _mean_gap(teacher_logp, old_logp, mask, completion_len: int):
+  """Mean over the completion tokens of current − behaviour log-probs (0 when sampling was on-policy)."""
+  m = mask[:, -completion_len:]
+  gap = (teacher_logp[:, -completion_len:] - old_logp[:, -completion_len:]) * m
+  return jnp.sum(gap) / jnp.maximum(jnp.sum(m), 1)
 
 
 def _summary_scalars(reward, rm: dict, upd: dict, ro: dict, advantages, max_new_tokens: int) -> dict:
@@ -147,11 +174,16 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   start = int(state["step"])
   writer = metrics.RunWriter(workdir, resume_step=start, tensorboard=cfg.tensorboard)
   bar = run_setup.progress(cfg.steps, start)
-  last = {}
+  last, pending = {}, None  # pending: the next step's batch and its sampling, dispatched before this step's update
   for step in range(start, cfg.steps):
     t0 = time.perf_counter()
-    batch = distributed.gather_rows(next(it))  # one process: its batch as it is
-    ro = rollout(rs, state["params"], batch, step)
+    off_policy = pending is not None  # sampled from the params before the last update
+    if off_policy:
+      batch, sampled = pending
+    else:
+      batch = distributed.gather_rows(next(it))  # one process: its batch as it is
+      sampled = sample_step(rs, state["params"], batch, step)
+    ro = finish_rollout(rs, batch, sampled)
     t1 = time.perf_counter()
     # Several processes: the host arrays become global arrays of the mesh (one process: the NumPy arrays as before).
     dev = {k: distributed.global_rows(v, rs.mesh, rs.rules) for k, v in
@@ -160,20 +192,31 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
       reward, rm, teacher_logp = rewards.rlt_rewards(
           rs.teacher_config, state["params"], rs.student_config, rs.student_params, dev["teacher_ids"],
           dev["teacher_mask"], dev["teacher_expl"], dev["input_ids"], dev["attention_mask"], dev["explanation_mask"],
-          dev["solution_mask"], dev["matched"], rs.reward_config, chunk_size=cfg.logprob_chunk_size)
+          dev["solution_mask"], dev["matched"], rs.reward_config, chunk_size=cfg.logprob_chunk_size,
+          micro_batch=cfg.reward_micro_batch)
       advantages = grpo.group_advantages(reward, cfg.group_size, eps=rs.grpo_config.advantage_eps,
                                          scale=rs.grpo_config.advantage_scale)
       jax.block_until_ready(advantages)
       t2 = time.perf_counter()
+      # Synchronous: the samples come from these params, whose log-probs the reward just computed. Overlapped: they
+      # come from the params before the last update, whose log-probs the sampler returned; the update's ratio
+      # exp(logp − old_logp) (PPO-clipped) then corrects for the one step the policy has moved since.
+      old_logp = distributed.global_rows(ro["sample_logp"], rs.mesh, rs.rules) if off_policy else teacher_logp
+      behaviour_gap = _mean_gap(teacher_logp, old_logp, dev["teacher_mask"], cfg.max_new_tokens)
+      data_state, pending = it.get_state(), None
+      if cfg.overlap and step + 1 < cfg.steps:  # sample step k+1 from θ_k while θ_k → θ_k+1 is computed
+        next_batch = distributed.gather_rows(next(it))
+        pending = (next_batch, sample_step(rs, state["params"], next_batch, step + 1))
       state, upd = train_step(state, {"ids": dev["teacher_ids"], "mask": dev["teacher_mask"],
-                                      "old_logp": teacher_logp, "advantages": advantages})
+                                      "old_logp": old_logp, "advantages": advantages})
       upd = distributed.to_host(upd)
     t3 = time.perf_counter()
     # Metrics from every row of the step (gathered from all processes when the arrays span several).
     reward, rm, advantages = distributed.to_host((reward, rm, advantages))
     last = _summary_scalars(reward, rm, upd, ro, advantages, cfg.max_new_tokens)
     last.update(time_sample=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2,
-                tokens_per_s=float(ro["lengths"].sum()) / (t3 - t0))
+                tokens_per_s=float(ro["lengths"].sum()) / (t3 - t0),
+                off_policy_logp_gap=float(distributed.to_host(behaviour_gap)))
     writer.write(step + 1, last, rows=batch["where"])
     writer.write_completions(run_setup.completion_rows(rs, step + 1, batch, ro, reward, rm))
     bar.update(1)
@@ -187,7 +230,8 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
           f"{cfg.max_bad_steps} steps in a row had a non-finite loss or gradient (last at step {step + 1}); "
           f"stopped. The last good checkpoint is in {ckpt.directory} (step {ckpt.latest_step()}).")
     if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-      ckpt.save(step + 1, state, it.get_state())
+      # The data state from before a pending batch was read: a resume reads it again and samples it anew.
+      ckpt.save(step + 1, state, data_state)
   ckpt.wait()
   bar.close()
   writer.close()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, set_fields, tiny_module_config
-from rlt_jax import data, run_setup, train
+from rlt_jax import data, rewards, run_setup, train
 
 
 def small_config(assets, **overrides):
@@ -92,6 +92,45 @@ def test_a_fixed_batch_is_learned(assets, tmp_path):
   assert np.mean(match[-5:]) > np.mean(match[:5]) + 0.15, match
 
 
+def test_overlap_mode_equals_synchronous_while_the_policy_does_not_move(assets, tmp_path):
+  """Overlapped, step k+1 is sampled from θ_k while θ_k → θ_k+1 is computed, and its update uses the sampler's
+  log-probs as the behaviour policy. With lr = 0 the policy never moves: every step equals the synchronous one."""
+  runs = {}
+  for name, lr, overlap in (("sync0", 0.0, False), ("over0", 0.0, True), ("over", 3e-3, True)):
+    rows = []
+    train.run(small_config(assets, steps=3, overlap=overlap, **{"grpo.learning_rate": lr}), str(tmp_path / name),
+              on_step=lambda s, m: rows.append(m))
+    runs[name] = rows
+  for a, b in zip(runs["sync0"], runs["over0"]):
+    assert a["reward_mean"] == b["reward_mean"] and a["completion_len_mean"] == b["completion_len_mean"]
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and abs(b["off_policy_logp_gap"]) < 1e-4
+  # A moving policy: step 1 is on-policy (its loss is taken before any update, so it is the lr = 0 run's); later
+  # steps are sampled one update behind.
+  assert runs["over"][0]["loss"] == runs["sync0"][0]["loss"] and runs["over"][0]["off_policy_logp_gap"] == 0
+  assert all(m["off_policy_logp_gap"] == 0 for m in runs["sync0"])
+  assert all(abs(m["off_policy_logp_gap"]) > 1e-4 for m in runs["over"][1:])
+
+
+def test_micro_batched_sampling_and_reward_equal_one_call(assets, tmp_path):
+  """Near-greedy sampling (T → 0): the sampler's calls of one prompt each give the one call's tokens; the reward in
+  parts of 2 rows gives the one call's rewards."""
+  cfg = small_config(assets, temperature=1e-4, **{"reward.teacher_temperature": 1e-4})
+  rs = run_setup.setup(cfg, str(tmp_path))
+  batch = next(iter(rs.dataset))
+  whole = train.finish_rollout(rs, batch, train.sample_step(rs, rs.teacher_params, batch, 0))
+  rs.config.sample_micro_batch = 1
+  parts = train.finish_rollout(rs, batch, train.sample_step(rs, rs.teacher_params, batch, 0))
+  np.testing.assert_array_equal(parts["teacher_ids"], whole["teacher_ids"])
+  np.testing.assert_allclose(parts["sample_logp"], whole["sample_logp"], atol=1e-5)
+  st = whole["student"]
+  args = (rs.teacher_config, rs.teacher_params, rs.student_config, rs.student_params, whole["teacher_ids"],
+          whole["teacher_mask"], whole["teacher_expl"], st["input_ids"], st["attention_mask"],
+          st["explanation_mask"], st["solution_mask"], st["matched"], rs.reward_config)
+  one = rewards.rlt_rewards(*args, chunk_size=128)[0]
+  split = rewards.rlt_rewards(*args, chunk_size=128, micro_batch=2)[0]
+  np.testing.assert_allclose(np.asarray(split), np.asarray(one), atol=1e-5)
+
+
 @pytest.mark.parametrize("overrides,message", [
     (dict(batch_size=10), r"config.batch_size=10: must be a positive multiple of config.group_size=4"),
     (dict(teacher_path="/no/such/model"), r"config.teacher_path='/no/such/model': is not a directory"),
@@ -99,6 +138,8 @@ def test_a_fixed_batch_is_learned(assets, tmp_path):
     ({"reward.kl_penalty_reductions": ("mean", "median")}, r"config.reward: .*unknown reduction\(s\) \['median'\]"),
     ({"grpo.micro_batches": 3}, r"config.batch_size=8: must be divisible by config.grpo.micro_batches=3"),
     ({"reward.teacher_temperature": 1.0}, r"config.reward.teacher_temperature"),
+    (dict(sample_micro_batch=3), r"config.sample_micro_batch=3: must be 0 or divide the 2 prompts"),
+    (dict(reward_micro_batch=3), r"config.reward_micro_batch=3: must be 0 or divide config.batch_size=8"),
 ])
 def test_bad_config_fails_at_start_naming_the_field(assets, tmp_path, overrides, message):
   with pytest.raises(run_setup.ConfigError, match=message):
