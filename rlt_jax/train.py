@@ -11,6 +11,11 @@ checkpoint (params, optimizer, reference, step, data-iterator state; the samplin
 With several processes (`distributed`) each reads its own shard of the data; the prompts are then gathered so that
 every process holds the step's whole batch on the host (in the order one process would read it) and lays out all
 rows' sequences itself, and device inputs become global arrays of the mesh. Only process 0 writes metrics.
+
+At scale: `sample_micro_batch` prompts per sampler call, `reward_micro_batch` rows per reward part and
+`grpo.micro_batches` update parts keep each phase within a device (`python -m rlt_jax.plan` sizes them).
+`overlap=True` samples step k+1 from θ_k while the update θ_k → θ_k+1 runs; that update then takes the sampler's
+log-probs as the old (behaviour) log-probs, so its PPO-clipped ratio corrects for the one-step lag.
 """
 from __future__ import annotations
 
