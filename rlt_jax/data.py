@@ -425,7 +425,7 @@ class _Encode:
       sft = f.student_sft_example(row["question"], row["reasoning"], row["solution"], row["system"])
       n, ex = len(sft.input_ids), dict(input_ids=sft.input_ids, loss_mask=sft.loss_mask)
     if n > self.max_len:
-      if not (self.truncate and self.kind != "prompt"):
+      if not self.truncate:  # (make_dataset allows truncate for the SFT kinds only)
         raise formats.BadRow("too_long", f"{n} tokens, over the longest bucket {self.max_len}")
       ex = {k: v[:self.max_len] for k, v in ex.items()}
     if self.kind != "prompt" and not ex["loss_mask"].any():

@@ -30,7 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlt_jax import data, formats, rewards, run_setup, sharding, train
+from rlt_jax import data, formats, run_setup, train
 
 ConfigError = run_setup.ConfigError
 _log = logging.getLogger("rlt_jax")
@@ -126,12 +126,7 @@ def _explain(rs: run_setup.RunSetup, params, items: list[dict], batch_no: int) -
   batch = dict(prompt_ids=ids, prompt_mask=mask, question=[it["question"] for it in padded],
                solution=[it["solution"] for it in padded], system=[it["system"] for it in padded])
   ro = train.rollout(rs, params, batch, batch_no)
-  st = ro["student"]
-  with sharding.use_mesh(rs.mesh, rs.rules):
-    reward, rm, _ = rewards.rlt_rewards(
-        rs.teacher_config, params, rs.student_config, rs.student_params, ro["teacher_ids"], ro["teacher_mask"],
-        ro["teacher_expl"], st["input_ids"], st["attention_mask"], st["explanation_mask"], st["solution_mask"],
-        st["matched"], rs.reward_config, chunk_size=cfg.logprob_chunk_size)
+  _, (reward, rm, _) = train.rollout_rewards(rs, params, ro)
   reward, rm = np.asarray(reward), {key: np.asarray(v) for key, v in rm.items()}
   limit = cfg.distill.student_context or cfg.max_student_len
   out = []

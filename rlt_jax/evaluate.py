@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from rlt_jax import checkpoint, data, formats, grading, run_setup, sampling, sharding, tiny
+from rlt_jax import checkpoint, data, formats, grading, run_setup, sampling, sharding
 
 _log = logging.getLogger("rlt_jax")
 ConfigError = run_setup.ConfigError
@@ -246,38 +246,19 @@ def markdown_table(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _tiny_student(cfg, workdir: str) -> tuple[str, str]:
-  with open(data.SAMPLE_PATH) as f:
-    rows = [formats.read_row(json.loads(line)) for line in f if line.strip()]
-  overrides = {k: v for k, v in cfg.format.to_dict().items() if v}
-  paths = tiny.ensure_assets(os.path.join(workdir, "tiny_models"), rows, format_overrides=overrides,
-                             **cfg.tiny.to_dict())
-  return paths["student"], paths["tokenizer"]
-
-
 def run(cfg, workdir: str) -> dict:
   """Evaluates the model of `cfg` on every benchmark; writes the outputs under `workdir`; returns results.json."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
   benchmarks = validate(cfg)
   os.makedirs(workdir, exist_ok=True)
   model_path, tok_path = cfg.model_path, cfg.tokenizer_path or cfg.model_path
-  if not model_path:
-    model_path, tiny_tok = _tiny_student(cfg, workdir)
-    tok_path = cfg.tokenizer_path or tiny_tok
+  if not model_path:  # the tiny student, built the way the tiny RL run builds it
+    paths = run_setup.tiny_model_paths(cfg, workdir)
+    model_path, tok_path = paths["student"], cfg.tokenizer_path or paths["tokenizer"]
   tokenizer = checkpoint.load_tokenizer(tok_path)
-  overrides = {k: v for k, v in cfg.format.to_dict().items() if k != "style" and v}
-  try:
-    fmt = formats.RLTFormat(tokenizer, style=cfg.format.style, **overrides)
-    devices = jax.devices()[:cfg.num_devices] if cfg.num_devices else None
-    mesh = sharding.make_mesh(cfg.mesh.to_dict(), devices)
-  except ValueError as e:
-    raise ConfigError(f"config.format / config.mesh: {e}") from None
-  rules = sharding.normalize_rules(cfg.sharding_rules or sharding.DEFAULT_RULES)
-  model_config, params = checkpoint.load_hf(model_path, mesh=mesh, dtype=cfg.param_dtype, rules=rules)
-  model_config = model_config.replace(dtype=cfg.dtype)
-  if len(tokenizer) > model_config.vocab_size:
-    raise ConfigError(f"config.tokenizer_path: the tokenizer has {len(tokenizer)} ids but the model's embedding has "
-                      f"{model_config.vocab_size} rows")
+  fmt = run_setup.make_format(cfg, tokenizer)
+  mesh, rules = run_setup.make_mesh(cfg)
+  model_config, params = run_setup.load_model(cfg, model_path, tokenizer, mesh, rules, dtype=cfg.dtype)
   if cfg.max_prompt_len + cfg.max_new_tokens > model_config.max_position_embeddings:
     _log.warning("max_prompt_len + max_new_tokens = %d is over the model's max_position_embeddings %d",
                  cfg.max_prompt_len + cfg.max_new_tokens, model_config.max_position_embeddings)

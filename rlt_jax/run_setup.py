@@ -134,9 +134,44 @@ class RunSetup:
   eos_ids: tuple[int, ...]
 
 
-def _sample_rows(path) -> list[dict]:
-  with open(path) as f:
-    return [formats.read_row(json.loads(line)) for line in f if line.strip()]
+def tiny_model_paths(cfg, workdir: str) -> dict[str, str]:
+  """Paths of the tiny tokenizer, teacher and student under <workdir>/tiny_models, built once from the bundled
+  sample in the config's format and `tiny` shape (CPU runs, tests, notebooks; no network)."""
+  with open(data.SAMPLE_PATH) as f:
+    rows = [formats.read_row(json.loads(line)) for line in f if line.strip()]
+  overrides = {k: v for k, v in cfg.format.to_dict().items() if v}
+  # With several processes, process 0 builds first, so processes sharing the workdir's filesystem never write the
+  # same files at once; the others then find them built (or, on a disk of their own, build the same seeded models).
+  several = jax.process_count() > 1
+  if several and jax.process_index() != 0:
+    _barrier("rlt_jax tiny models")
+  paths = tiny.ensure_assets(os.path.join(workdir, "tiny_models"), rows, format_overrides=overrides,
+                             **cfg.tiny.to_dict())
+  if several and jax.process_index() == 0:
+    _barrier("rlt_jax tiny models")
+  return paths
+
+
+def make_format(cfg, tokenizer) -> formats.RLTFormat:
+  overrides = {k: v for k, v in cfg.format.to_dict().items() if k != "style" and v}
+  return _field("format", formats.RLTFormat, tokenizer, style=cfg.format.style, **overrides)
+
+
+def make_mesh(cfg) -> tuple[jax.sharding.Mesh, tuple]:
+  """The config's mesh (over its first `num_devices` devices, 0 = all) and sharding rules."""
+  devices = jax.devices()[:cfg.num_devices] if cfg.num_devices else None
+  mesh = _field("mesh", sharding.make_mesh, cfg.mesh.to_dict(), devices)
+  return mesh, _field("sharding_rules", sharding.normalize_rules, cfg.sharding_rules or sharding.DEFAULT_RULES)
+
+
+def load_model(cfg, path: str, tokenizer, mesh, rules, **model_kw) -> tuple[ModelConfig, dict]:
+  """A Hugging Face model directory onto the mesh (params in `param_dtype`; `model_kw` set compute options such as
+  dtype and remat); a tokenizer with more ids than the embedding has rows is a config error."""
+  config, params = checkpoint.load_hf(path, mesh=mesh, dtype=cfg.param_dtype, rules=rules)
+  if len(tokenizer) > config.vocab_size:
+    raise ConfigError(f"config.tokenizer_path: the tokenizer has {len(tokenizer)} ids but the model in {path} has "
+                      f"{config.vocab_size} embedding rows")
+  return config.replace(**model_kw), params
 
 
 def setup(cfg, workdir: str) -> RunSetup:
@@ -149,29 +184,14 @@ def setup(cfg, workdir: str) -> RunSetup:
   teacher_path, student_path = cfg.teacher_path, cfg.student_path
   tok_path = cfg.tokenizer_path or teacher_path
   if not teacher_path:  # the default tiny run: everything built locally, no network
-    overrides = {k: v for k, v in cfg.format.to_dict().items() if v}
-    # With several processes, process 0 builds first, so processes sharing the workdir's filesystem never write the
-    # same files at once; the others then find them built (or, on a disk of their own, build the same seeded models).
-    several = jax.process_count() > 1
-    if several and jax.process_index() != 0:
-      _barrier("rlt_jax tiny models")
-    paths = tiny.ensure_assets(os.path.join(workdir, "tiny_models"), _sample_rows(data.SAMPLE_PATH),
-                               format_overrides=overrides, **cfg.tiny.to_dict())
-    if several and jax.process_index() == 0:
-      _barrier("rlt_jax tiny models")
+    paths = tiny_model_paths(cfg, workdir)
     teacher_path, student_path, tok_path = paths["teacher"], paths["student"], paths["tokenizer"]
   tokenizer = checkpoint.load_tokenizer(tok_path)
-  overrides = {k: v for k, v in cfg.format.to_dict().items() if k != "style" and v}
-  fmt = _field("format", formats.RLTFormat, tokenizer, style=cfg.format.style, **overrides)
-  devices = jax.devices()[:cfg.num_devices] if cfg.num_devices else None
-  mesh = _field("mesh", sharding.make_mesh, cfg.mesh.to_dict(), devices)
-  rules = sharding.normalize_rules(cfg.sharding_rules or sharding.DEFAULT_RULES)
+  fmt = make_format(cfg, tokenizer)
+  mesh, rules = make_mesh(cfg)
   model_kw = dict(dtype=cfg.dtype, remat=cfg.remat)
-  tc, tp = checkpoint.load_hf(teacher_path, mesh=mesh, dtype=cfg.param_dtype, rules=rules)
-  sc, sp = checkpoint.load_hf(student_path, mesh=mesh, dtype=cfg.param_dtype, rules=rules)
-  if len(tokenizer) > min(tc.vocab_size, sc.vocab_size):
-    raise ConfigError(f"config.tokenizer_path: the tokenizer has {len(tokenizer)} ids but the teacher/student "
-                      f"embeddings have {tc.vocab_size}/{sc.vocab_size} rows")
+  tc, tp = load_model(cfg, teacher_path, tokenizer, mesh, rules, **model_kw)
+  sc, sp = load_model(cfg, student_path, tokenizer, mesh, rules, **model_kw)
   _check_student_len(cfg, fmt)
   stats = data.RowStats()
   dataset = data.make_dataset([cfg.data.path or str(data.SAMPLE_PATH)], fmt, kind="prompt",
@@ -180,8 +200,7 @@ def setup(cfg, workdir: str) -> RunSetup:
                               reader=cfg.data.reader, strict=cfg.data.strict, stats=stats)
   eos_ids = tuple(sorted({i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id)
                           if isinstance(i, int) and i >= 0}))
-  return RunSetup(cfg, tokenizer, fmt, mesh, rules, tc.replace(**model_kw), tp, sc.replace(**model_kw), sp, g, r,
-                  dataset, eos_ids)
+  return RunSetup(cfg, tokenizer, fmt, mesh, rules, tc, tp, sc, sp, g, r, dataset, eos_ids)
 
 
 def _barrier(name: str) -> None:

@@ -14,7 +14,6 @@ user) loads it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -26,7 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlt_jax import checkpoint, data, formats, grpo, metrics, rewards, run_setup, sharding, tiny
+from rlt_jax import checkpoint, data, grpo, metrics, rewards, run_setup, sharding
 from rlt_jax.models.config import ModelConfig
 
 ConfigError = run_setup.ConfigError
@@ -128,12 +127,17 @@ def validate(cfg) -> None:
   need(not cfg.data.path or os.path.exists(cfg.data.path), "data.path", "does not exist")
 
 
+def _buckets(cfg) -> tuple[int, ...]:
+  """Sequence lengths: packed, always max_len; unpacked, the smallest of three lengths that holds the batch (three
+  compilations at most)."""
+  if cfg.pack:
+    return (cfg.max_len,)
+  return tuple(sorted({max(cfg.max_len // 4, 1), max(cfg.max_len // 2, 1), cfg.max_len}))
+
+
 def _dataset(cfg, fmt, *, num_epochs, stats=None):
-  # Unpacked rows are padded to the smallest of three lengths that holds the batch (three compilations at most).
-  buckets = (cfg.max_len,) if cfg.pack else tuple(sorted({max(cfg.max_len // 4, 1), max(cfg.max_len // 2, 1),
-                                                           cfg.max_len}))
   return data.make_dataset([cfg.data.path or str(data.SAMPLE_PATH)], fmt, kind=KINDS[cfg.kind],
-                           batch_size=cfg.batch_size // jax.process_count(), buckets=buckets, seed=cfg.seed,
+                           batch_size=cfg.batch_size // jax.process_count(), buckets=_buckets(cfg), seed=cfg.seed,
                            num_epochs=num_epochs, reader=cfg.data.reader, strict=cfg.data.strict, stats=stats,
                            truncate=True, pack=cfg.pack, drop_remainder=False)
 
@@ -170,23 +174,12 @@ def _load(cfg, workdir):
   """(tokenizer, format, mesh, rules, model config, params) from the config (the tiny model when asked)."""
   model_path, tok_path = cfg.model_path, cfg.tokenizer_path or cfg.model_path
   if not model_path:
-    overrides = {k: v for k, v in cfg.format.to_dict().items() if v}
-    with open(data.SAMPLE_PATH) as f:
-      rows = [formats.read_row(json.loads(line)) for line in f if line.strip()]
-    paths = tiny.ensure_assets(os.path.join(workdir, "tiny_models"), rows, format_overrides=overrides,
-                               **cfg.tiny.to_dict())
+    paths = run_setup.tiny_model_paths(cfg, workdir)
     model_path, tok_path = paths[cfg.kind], paths["tokenizer"]
   tokenizer = checkpoint.load_tokenizer(tok_path)
-  overrides = {k: v for k, v in cfg.format.to_dict().items() if k != "style" and v}
-  fmt = run_setup._field("format", formats.RLTFormat, tokenizer, style=cfg.format.style, **overrides)
-  devices = jax.devices()[:cfg.num_devices] if cfg.num_devices else None
-  mesh = run_setup._field("mesh", sharding.make_mesh, cfg.mesh.to_dict(), devices)
-  rules = sharding.normalize_rules(cfg.sharding_rules or sharding.DEFAULT_RULES)
-  mc, params = checkpoint.load_hf(model_path, mesh=mesh, dtype=cfg.param_dtype, rules=rules)
-  if len(tokenizer) > mc.vocab_size:
-    raise ConfigError(f"config.tokenizer_path: the tokenizer has {len(tokenizer)} ids but the model's embedding "
-                      f"has {mc.vocab_size} rows")
-  return tokenizer, fmt, mesh, rules, mc.replace(dtype=cfg.dtype, remat=cfg.remat), params
+  mesh, rules = run_setup.make_mesh(cfg)
+  mc, params = run_setup.load_model(cfg, model_path, tokenizer, mesh, rules, dtype=cfg.dtype, remat=cfg.remat)
+  return tokenizer, run_setup.make_format(cfg, tokenizer), mesh, rules, mc, params
 
 
 def run(cfg, workdir: str, *, on_step=None) -> dict:
@@ -234,8 +227,7 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
         batch = next(it)
         batch = _fill(batch, rows, fmt.pad_id) if len(batch["input_ids"]) < rows else batch
       except StopIteration:  # another process has more sequences left (see count_steps)
-        batch = _empty_batch(rows, min(cfg.max_len, max(cfg.max_len // 4, 1)) if not cfg.pack else cfg.max_len,
-                             fmt.pad_id)
+        batch = _empty_batch(rows, _buckets(cfg)[0], fmt.pad_id)
       batch.pop("attention_mask", None)
       with sharding.use_mesh(mesh, rules):
         state, m = step_fn(state, batch)

@@ -128,6 +128,20 @@ def finish_rollout(rs: run_setup.RunSetup, batch: dict, outs: list):
               sample_logp=np.concatenate([np.zeros((len(tokens), P), np.float32), sample_logp], 1))
 
 
+def rollout_rewards(rs: run_setup.RunSetup, params, ro: dict):
+  """(the rollout's arrays on the mesh, (reward, metrics, teacher log-probs)) under `params`. With several
+  processes the host arrays become global arrays of the mesh; with one they go in as NumPy."""
+  dev = {k: distributed.global_rows(v, rs.mesh, rs.rules) for k, v in
+         [*ro["student"].items(), *((k, ro[k]) for k in ("teacher_ids", "teacher_mask", "teacher_expl"))]}
+  with sharding.use_mesh(rs.mesh, rs.rules):
+    out = rewards.rlt_rewards(
+        rs.teacher_config, params, rs.student_config, rs.student_params, dev["teacher_ids"], dev["teacher_mask"],
+        dev["teacher_expl"], dev["input_ids"], dev["attention_mask"], dev["explanation_mask"], dev["solution_mask"],
+        dev["matched"], rs.reward_config, chunk_size=rs.config.logprob_chunk_size,
+        micro_batch=rs.config.reward_micro_batch)
+  return dev, out
+
+
 def _mean_gap(teacher_logp, old_logp, mask, completion_len: int):
   """Mean over the completion tokens of current − behaviour log-probs (0 when sampling was on-policy)."""
   m = mask[:, -completion_len:]
@@ -190,15 +204,8 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
       sampled = sample_step(rs, state["params"], batch, step)
     ro = finish_rollout(rs, batch, sampled)
     t1 = time.perf_counter()
-    # Several processes: the host arrays become global arrays of the mesh (one process: the NumPy arrays as before).
-    dev = {k: distributed.global_rows(v, rs.mesh, rs.rules) for k, v in
-           [*ro["student"].items(), *((k, ro[k]) for k in ("teacher_ids", "teacher_mask", "teacher_expl"))]}
+    dev, (reward, rm, teacher_logp) = rollout_rewards(rs, state["params"], ro)
     with sharding.use_mesh(rs.mesh, rs.rules):
-      reward, rm, teacher_logp = rewards.rlt_rewards(
-          rs.teacher_config, state["params"], rs.student_config, rs.student_params, dev["teacher_ids"],
-          dev["teacher_mask"], dev["teacher_expl"], dev["input_ids"], dev["attention_mask"], dev["explanation_mask"],
-          dev["solution_mask"], dev["matched"], rs.reward_config, chunk_size=cfg.logprob_chunk_size,
-          micro_batch=cfg.reward_micro_batch)
       advantages = grpo.group_advantages(reward, cfg.group_size, eps=rs.grpo_config.advantage_eps,
                                          scale=rs.grpo_config.advantage_scale)
       jax.block_until_ready(advantages)
@@ -207,7 +214,8 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
       # come from the params before the last update, whose log-probs the sampler returned; the update's ratio
       # exp(logp − old_logp) (PPO-clipped) then corrects for the one step the policy has moved since.
       old_logp = distributed.global_rows(ro["sample_logp"], rs.mesh, rs.rules) if off_policy else teacher_logp
-      behaviour_gap = _mean_gap(teacher_logp, old_logp, dev["teacher_mask"], cfg.max_new_tokens)
+      behaviour_gap = _mean_gap(teacher_logp, old_logp, dev["teacher_mask"], cfg.max_new_tokens) if off_policy \
+          else 0.0
       data_state, pending = it.get_state(), None
       if cfg.overlap and step + 1 < cfg.steps:  # sample step k+1 from θ_k while θ_k → θ_k+1 is computed
         next_batch = distributed.gather_rows(next(it))

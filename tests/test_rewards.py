@@ -340,8 +340,9 @@ def test_rlt_rewards_rejects_misaligned_spans(hf_pair):
     _call(hf_pair, a, matched[:-1], cfg)
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
-def test_rlt_rewards_sharded_equals_single_device(hf_pair, mesh_shape):
+@pytest.mark.parametrize("mesh_shape,micro_batch", [((8, 1, 1), 0), ((2, 2, 2), 0), ((2, 2, 2), 4)])
+def test_rlt_rewards_sharded_equals_single_device(hf_pair, mesh_shape, micro_batch):
+  """Also in parts of 4 rows (micro_batch): the same rewards, the batch still split over (data, fsdp)."""
   # The paper's reward (log-ratio KL). k3's e^(-d) magnifies float32 rounding of d by up to e^|d| on random models.
   cfg = RewardConfig()
   a, matched = _examples(8, seed=1)
@@ -353,7 +354,7 @@ def test_rlt_rewards_sharded_equals_single_device(hf_pair, mesh_shape):
     put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))  # noqa: E731
     args = [put(a[k]) for k in ("teacher_ids", "teacher_attention_mask", "teacher_explanation_mask", "student_ids",
                                 "student_attention_mask", "student_explanation_mask", "solution_mask")]
-    got = rewards.rlt_rewards(tc, tp, sc, sp, *args, put(matched), cfg, chunk_size=16)
+    got = rewards.rlt_rewards(tc, tp, sc, sp, *args, put(matched), cfg, chunk_size=16, micro_batch=micro_batch)
   assert got[0].sharding.spec == sharding.batch_sharding(mesh, 1).spec  # the batch stays split over (data, fsdp)
   for k, w in jax.tree_util.tree_leaves_with_path(want):
     g = got
@@ -371,16 +372,5 @@ def test_micro_batched_rewards_equal_one_call_and_transformers(hf_pair):
   assert_metrics_match(parts[0], parts[1], ref)
   for x, y in zip(jax.tree.leaves(parts), jax.tree.leaves(whole)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=1e-6)
-  # On a (2, 2, 2) mesh, parts of 4 rows: the same rewards, the batch still split over (data, fsdp).
-  mesh = sharding.make_mesh((2, 2, 2))
-  (_, tc, tp), (_, sc, sp) = hf_pair["teacher"], hf_pair["student"]
-  with sharding.use_mesh(mesh):
-    tp, sp = checkpoint.shard_params(tp, mesh, tc), checkpoint.shard_params(sp, mesh, sc)
-    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))  # noqa: E731
-    args = [put(a[k]) for k in ("teacher_ids", "teacher_attention_mask", "teacher_explanation_mask", "student_ids",
-                                "student_attention_mask", "student_explanation_mask", "solution_mask")]
-    got = rewards.rlt_rewards(tc, tp, sc, sp, *args, put(matched), cfg, chunk_size=16, micro_batch=4)
-  np.testing.assert_allclose(np.asarray(got[0]), np.asarray(whole[0]), atol=1e-5, rtol=1e-6)
-  assert got[0].sharding.spec == sharding.batch_sharding(mesh, 1).spec
   with pytest.raises(ValueError, match="micro_batch=3 does not divide the batch of 8"):
     _call(hf_pair, a, matched, cfg, micro_batch=3)
