@@ -6,6 +6,13 @@
 
 16 prompts × 64 samples a step at T = 0.7, up to 16,384 new tokens, AdamW 1e-6 constant, β = 0.04 (k3 on
 T-scaled log-probs), reference mix-up α = 0.9 every 32 steps, 125 steps, reward coefficients (1, 0.01) / (3, 0.03).
+Mixed precision: fp32 master weights and AdamW moments, bf16 matmuls and activations (the official run's DeepSpeed
+bf16); the student, the reference and the per-step copy that sampling and the reward read are bf16.
+
+This file is the recipe, for any device count (fsdp over every device). The hardware targets the docs name have
+their own files, with the mesh and micro-batches sized for them by `python -m rlt_jax.plan`:
+configs/rlt_qwen2.5_7b_8xh100.py, configs/rlt_qwen2.5_7b_4x8xh100.py, configs/rlt_qwen2.5_7b_v5p64.py. Elsewhere the
+preflight plans the run for your devices before loading weights and names the fields to change if it does not fit.
 """
 from rlt_jax.run_setup import default_config
 
@@ -16,8 +23,8 @@ def get_config():
   c.seed = 42
   c.teacher_path = ""  # required: the SFT-warmed Qwen2.5-7B-Instruct teacher (HF directory)
   c.student_path = ""  # required: bespokelabs/Bespoke-Stratos-7B (HF directory)
-  c.param_dtype = "bfloat16"
-  c.dtype = "bfloat16"
+  c.param_dtype = "float32"  # master weights and AdamW moments
+  c.dtype = "bfloat16"       # matmuls, activations, student, reference, sampling copy
   c.remat = "full"
   c.batch_size = 1024   # 16 prompts × 64
   c.group_size = 64
@@ -35,11 +42,8 @@ def get_config():
   c.grpo.weight_decay = 0.0
   c.grpo.max_grad_norm = 1.0
   c.grpo.loss_aggregation = "sequence_mean"
-  # Sized for 8 × H100 (python -m rlt_jax.plan --config configs/rlt_qwen2.5_7b.py --chip h100 --mesh
-  # data=1,fsdp=8,tensor=1): each part should split over data × fsdp. On a v5p-64 (32 chips):
-  # --config.grpo.micro_batches=32 --config.sample_micro_batch=16 --config.reward_micro_batch=256.
   c.grpo.micro_batches = 128   # update in parts of 8 rows
-  c.sample_micro_batch = 8     # prompts (× 64 samples) per sampler call
+  c.sample_micro_batch = 4     # prompts (× 64 samples) per sampler call
   c.reward_micro_batch = 64    # rows per reward part
   c.reward.answer_log_prob_coeff = (1.0, 0.01)
   c.reward.kl_penalty_coeff = (3.0, 0.03)

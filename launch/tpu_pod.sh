@@ -3,7 +3,7 @@
 # chips per process, one global mesh (JAX finds the workers itself: the program runs with --distributed=auto).
 #
 #   launch/tpu_pod.sh [options] TPU_NAME ZONE -- [ARGS for the entry point ...]
-#   launch/tpu_pod.sh my-v5p-64 us-east5-a -- --config configs/rlt_qwen2.5_7b.py --workdir /mnt/shared/runs/rlt \
+#   launch/tpu_pod.sh my-v5p-64 us-east5-a -- --config configs/rlt_qwen2.5_7b_v5p64.py --workdir /mnt/shared/runs/rlt \
 #       --config.teacher_path=/mnt/shared/teacher_sft --config.student_path=/mnt/shared/Bespoke-Stratos-7B \
 #       --config.data.path=/mnt/shared/bespoke_stratos_17k --config.steps=125
 #

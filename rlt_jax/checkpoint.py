@@ -166,17 +166,23 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 def save_hf(config: ModelConfig, params, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
-            tokenizer=None) -> None:
+            tokenizer=None, dtype: str | None = None) -> None:
   """Writes `config.json` and safetensors (sharded above `max_shard_bytes`), one tensor in host memory at a time.
 
+  `dtype` ("float32", "bfloat16", ...): the tensors' dtype in the files (default: the params' own, e.g. the fp32
+  masters of a mixed-precision run), also written as the config's `torch_dtype`.
   Every process must call it (multi-host arrays are gathered); only process 0 writes.
   """
   path = os.fspath(path)
   writer = jax.process_index() == 0
+  if dtype:
+    config = config.replace(param_dtype=dtype)  # validates the name
+  else:
+    config = config.replace(param_dtype=str(jax.tree.leaves(params)[0].dtype))
   entries = []  # (hf name, shape, dtype, thunk)
   for t in _layout(config):
     arr = _get(params, t.path)
-    dt = np.dtype(arr.dtype)
+    dt = np.dtype(ml_dtypes.bfloat16) if config.param_dtype == "bfloat16" else np.dtype(config.param_dtype)
     if t.per_layer:
       for i in range(config.num_layers):
         hf_shape = t.to_hf(np.empty(arr.shape[1:], np.uint8)).shape

@@ -104,8 +104,9 @@ class HFDiskSource:
     self.path = str(path)
     ds = datasets.load_from_disk(self.path)
     if isinstance(ds, datasets.DatasetDict):
+      split = split or ("train" if "train" in ds else None)  # what a Hugging Face script trains on by default
       if split is None:
-        raise ValueError(f"data: {self.path} holds splits {sorted(ds)}; pass split=")
+        raise ValueError(f"data: {self.path} holds splits {sorted(ds)} and no 'train' split; pass split=")
       ds = ds[split]
     self._ds = ds
 
@@ -182,6 +183,17 @@ def open_source(spec, *, split: str | None = None, data_dir: str | None = None):
   if ".array_record" in p.name:
     return ArrayRecordSource(p)
   raise ValueError(f"data: cannot tell the format of {p} (expected .jsonl, .parquet, .array_record, a folder)")
+
+
+def check_source(spec, *, data_dir: str | None = None) -> str | None:
+  """Why `spec` cannot be read (opening it as `make_dataset` will, without reading rows), or None when it can."""
+  try:
+    src = open_source(spec, data_dir=data_dir)
+    if len(src) == 0:
+      return "holds no rows"
+  except Exception as e:  # noqa: BLE001  every reader's own error, reported against the config field
+    return str(e).removeprefix("data: ") or type(e).__name__
+  return None
 
 
 def decode_payload(payload) -> Any:
@@ -461,9 +473,10 @@ def make_dataset(sources, fmt: formats.RLTFormat, *, kind: str = "prompt", batch
                  num_epochs: int | None = None, process_index: int | None = None, process_count: int | None = None,
                  reader: str = "auto", strict: bool = False, stats: RowStats | None = None,
                  drop_remainder: bool = True, worker_count: int = 0, truncate: bool = False,
-                 pack: bool = False) -> grain.IterDataset:
+                 pack: bool = False, data_dir: str | None = None) -> grain.IterDataset:
   """A grain IterDataset of fixed-shape batches (see the module doc). `sources`: one or more paths/specs/sources.
-  `stats`: a RowStats the iterator counts into (one iterator per RowStats)."""
+  `stats`: a RowStats the iterator counts into (one iterator per RowStats). `data_dir`: where TFDS looks for
+  "tfds:NAME:SPLIT" sources (None: TFDS's default)."""
   if kind not in KINDS:
     raise ValueError(f"data: unknown kind {kind!r}; choose one of {KINDS}")
   if (truncate or pack) and kind == "prompt":
@@ -477,7 +490,7 @@ def make_dataset(sources, fmt: formats.RLTFormat, *, kind: str = "prompt", batch
   if not 0 <= process_index < process_count:
     raise ValueError(f"data: process_index {process_index} must be in [0, process_count={process_count})")
   sources = list(sources) if isinstance(sources, (list, tuple)) else [sources]
-  src = ConcatSource([open_source(s) for s in sources])
+  src = ConcatSource([open_source(s, data_dir=data_dir) for s in sources])
   if len(src) == 0:
     raise ValueError(f"data: no rows in {sources}")
   ds = grain.MapDataset.source(src)

@@ -82,7 +82,7 @@ def _append(path: str, rows: list[dict]) -> None:
 
 def read_items(cfg, fmt: formats.RLTFormat) -> tuple[list[dict], list[dict]]:
   """(usable items, skipped records) of `data.path` in file order, each with its `index` and `where`."""
-  src = data.open_source(cfg.data.path or str(data.SAMPLE_PATH))
+  src = data.open_source(cfg.data.path or str(data.SAMPLE_PATH), data_dir=cfg.data.tfds_data_dir or None)
   n = len(src) if not cfg.distill.limit else min(len(src), int(cfg.distill.limit))
   items, skipped = [], []
   for i in range(n):
@@ -173,7 +173,7 @@ def run(cfg, workdir: str) -> dict:
   cfg.group_size = int(cfg.distill.candidates)
   cfg.batch_size = int(cfg.distill.items_per_batch) * cfg.group_size
   cfg.grpo.micro_batches = 1
-  rs = run_setup.setup(cfg, workdir)
+  rs = run_setup.setup(cfg, workdir, training=False)
   paths = {name: os.path.join(workdir, f"{name}.jsonl") for name in ("distill", "skipped")}
   done = _jsonl_done(paths["distill"]) | _jsonl_done(paths["skipped"])
   items, skipped = read_items(cfg, rs.fmt)

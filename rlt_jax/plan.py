@@ -1,68 +1,31 @@
-"""Per-device memory of an RL run (`train.run`) on a chip and mesh, from shapes alone: no weights, devices or network.
+"""The plan of a run: per-device memory of each phase of an RL run (`train.run`) or an SFT run (`sft.run`) on a
+chip and mesh, from shapes alone (no weights, devices or network), and the preflight that the entry points run with
+it before loading any weights.
 
-  python -m rlt_jax.plan --config configs/rlt_qwen2.5_7b.py --chip h100 [--mesh data=1,fsdp=8,tensor=1] [--json]
-      [--model 7b] [--usable 0.9] [--config.batch_size=256 ...]
+  python -m rlt_jax.plan --config configs/rlt_qwen2.5_7b_8xh100.py --chip h100 [--mesh data=1,fsdp=8,tensor=1]
+      [--json] [--model 7b] [--usable 0.9] [--config.batch_size=256 ...]
 
-Shapes come from the teacher's/student's `config.json` when the config's path is a local HF directory, else from the
-Qwen2.5 presets below (`--model 7b`, or a preset name such as "7B" in the model path or the config file name), or
-from the config's `tiny` fields when `tiny_models=True`. Without `--mesh` it also searches the smallest device counts
-(powers of two up to 2048) whose data×fsdp×tensor meshes fit.
-
-What lives on each device (sharding rules of the config, `sharding.DEFAULT_RULES` by default: params over
-fsdp (embed) × tensor (vocab, heads, mlp), activations' batch over data × fsdp, their heads/mlp/vocab over tensor;
-a dimension a mesh axis does not divide is replicated, as `sharding.logical_to_spec` does):
-  resident, all phases: teacher params, AdamW state (optax: mu and nu in the params' dtype, sharded like the params;
-    step counts), reference params, student params (train.run keeps all four for the whole run).
-  sample:  `sampling.prefill` (the prompt KV cache and one layer's forward temporaries), then `sampling.decode`
-    (prompt cache, its heads-first copy, the generation cache, one layer's cache slices, [rows, V] fp32 logits).
-  reward:  `rewards.rlt_rewards` on one `reward_micro_batch` part: teacher then student forward, one layer's
-    temporaries or the fp32 [rows, chunk, V] log-prob chunks, whichever is larger.
-  update:  `train._train_step` on one micro-batch: gradients (plus an accumulator with micro_batches > 1), per-layer
-    residuals saved for the backward pass (remat none | dots | full), and the backward of one layer (or of the chunked
-    log-prob head): the larger of its MLP and blocked-attention working sets.
-The reported total is the peak phase. Per-token counts are buffers of XLA's buffer assignment for this code; the
-tests compare them with `memory_analysis()` of the compiled step functions (fp32, XLA:CPU), within 15%.
+Shapes come from the teacher's/student's (SFT: the model's) `config.json` when the config's path is a local HF
+directory, else from the Qwen2.5 presets below (`--model 7b`, or a preset name such as "7B" in the model path or the
+config file name), or from the config's `tiny` fields when `tiny_models=True`. Without `--mesh` the mesh is the
+config's own when it names every axis, else the smallest device counts (powers of two up to 2048) whose
+data×fsdp×tensor meshes fit are searched. The buffers counted are `memory`'s; the reported total is the peak phase.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
 import json
-import logging
 import math
 import os
 import re
 import sys
 
-import jax
-import numpy as np
-from jax.sharding import AbstractMesh
 
-from rlt_jax import grpo, run_setup, sharding, tiny
+from rlt_jax import grpo, memory, run_setup, sharding, tiny
+from rlt_jax.memory import CHIPS, F32, GiB
 from rlt_jax.models import qwen2
 from rlt_jax.models.config import ModelConfig
 
-MiB, GiB = 2**20, 2**30
-F32 = 4
 
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  hbm_bytes: int   # memory of one JAX device
-  note: str
-
-
-CHIPS = {  # one JAX device = one chip (a TPU v4/v5p chip's two TensorCores are one device)
-    "tpu-v4": Chip(32 * GiB, "TPU v4: 32 GiB HBM2 a chip"),
-    "tpu-v5e": Chip(16 * GiB, "TPU v5e: 16 GiB HBM2 a chip"),
-    "tpu-v5p": Chip(95 * GiB, "TPU v5p: 95 GiB HBM2e a chip; a v5p-N slice counts N TensorCores = N/2 chips"),
-    "tpu-v6e": Chip(32 * GiB, "TPU v6e (Trillium): 32 GiB HBM a chip"),
-    "a100-40g": Chip(40960 * MiB, "A100 40GB: 40,960 MiB as nvidia-smi reports it"),
-    "a100-80g": Chip(81920 * MiB, "A100 80GB: 81,920 MiB (80 GiB) as nvidia-smi reports it"),
-    "h100": Chip(81559 * MiB, "H100 SXM 80GB: 81,559 MiB (79.6 GiB) as nvidia-smi reports it"),
-    "h200": Chip(143771 * MiB, "H200 141GB: 143,771 MiB (140.4 GiB) as nvidia-smi reports it"),
-}
 
 # Published Qwen2.5 config.json values (base and Instruct share them): hidden, intermediate, layers, heads, kv heads,
 # vocab, tied embeddings. Every size has rope_theta 1e6 and head_dim = hidden / heads.
@@ -90,7 +53,8 @@ def preset_in(text: str) -> str | None:
 
 
 def model_configs(cfg, *, model: str | None = None, config_path: str = "") -> tuple[ModelConfig, ModelConfig, str]:
-  """(teacher, student, where the shapes came from), with the config's dtypes and remat."""
+  """(teacher, student, where the shapes came from), with the config's dtypes and remat; the frozen student is
+  stored in the compute dtype, as `run_setup.setup` loads it."""
   kw = dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat)
   if model is not None and model.lower() not in QWEN25:
     raise ValueError(f"--model={model!r}: expected one of {sorted(QWEN25)} (Qwen2.5 sizes)")
@@ -98,10 +62,13 @@ def model_configs(cfg, *, model: str | None = None, config_path: str = "") -> tu
     t = cfg.tiny
     c = tiny.tiny_config(t.vocab_size, hidden=t.hidden, layers=t.layers, heads=t.heads, kv_heads=t.kv_heads,
                          intermediate=t.intermediate).replace(**kw)
-    return c, c, f"tiny models from config.tiny (vocab {t.vocab_size}, hidden {t.hidden}, {t.layers} layers)"
+    return c, c.replace(param_dtype=cfg.dtype), (f"tiny models from config.tiny (vocab {t.vocab_size}, hidden "
+                                                 f"{t.hidden}, {t.layers} layers)")
   out, where = [], []
   for field in ("teacher_path", "student_path"):
     path = cfg[field]
+    if field == "student_path":
+      kw = dict(kw, param_dtype=cfg.dtype)
     if path and os.path.isfile(os.path.join(path, "config.json")):
       out.append(ModelConfig.from_hf(path, **kw))
       where.append(f"{field.split('_')[0]} {path}/config.json")
@@ -116,7 +83,6 @@ def model_configs(cfg, *, model: str | None = None, config_path: str = "") -> tu
   return out[0], out[1], ", ".join(where)
 
 
-# ----------------------------------------------------------------------------------------------------- sharding
 def parse_mesh(text: str) -> dict[str, int]:
   """"data=1,fsdp=8,tensor=1" -> sizes of the three mesh axes (missing axes are 1)."""
   sizes = {a: 1 for a in sharding.MESH_AXES}
@@ -127,176 +93,6 @@ def parse_mesh(text: str) -> dict[str, int]:
                        f"e.g. data=1,fsdp=8,tensor=1")
     sizes[name] = int(value)
   return sizes
-
-
-def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
-  return AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
-
-
-@contextlib.contextmanager
-def _quiet_sharding():  # replicated params are reported in the plan's notes, not logged once per leaf
-  log = logging.getLogger(sharding.__name__)
-  level = log.level
-  log.setLevel(logging.ERROR)
-  try:
-    yield
-  finally:
-    log.setLevel(level)
-
-
-def _local_size(shape, names, mesh, rules) -> int:
-  spec = sharding.logical_to_spec(names, rules, mesh=mesh, shape=shape, what="param")
-  split = [math.prod(mesh.shape[a] for a in ((s,) if isinstance(s, str) else s or ())) for s in spec]
-  return math.prod(n // k for n, k in zip(shape, split))
-
-
-def params_device_bytes(config: ModelConfig, mesh, rules) -> int:
-  """Bytes of one device's shard of the params, as `checkpoint.load_hf(..., mesh=mesh)` places them."""
-  with _quiet_sharding():
-    sizes = jax.tree.map(lambda names, s: _local_size(s.shape, names, mesh, rules) * s.dtype.itemsize,
-                         qwen2.param_logical_axes(config), qwen2.param_shapes(config),
-                         is_leaf=lambda x: isinstance(x, tuple))
-  return sum(jax.tree.leaves(sizes))
-
-
-@functools.lru_cache(maxsize=16)
-def _opt_state_leaves(config: ModelConfig, grpo_config: grpo.GRPOConfig) -> tuple:
-  """(logical axes or None, shape, itemsize) of every AdamW state leaf, from optax's own init traced abstractly."""
-  state = jax.eval_shape(grpo.make_optimizer(grpo_config).init, qwen2.param_shapes(config))
-  axes = {tuple(k.key for k in path): names for path, names in jax.tree_util.tree_flatten_with_path(
-      qwen2.param_logical_axes(config), is_leaf=lambda x: isinstance(x, tuple))[0]}
-  out = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))  # mu/nu mirror the params tree
-    names = next((axes[keys[i:]] for i in range(len(keys)) if keys[i:] in axes), None)
-    out.append((names, tuple(leaf.shape), leaf.dtype.itemsize))
-  return tuple(out)
-
-
-def opt_state_device_bytes(config: ModelConfig, grpo_config: grpo.GRPOConfig, mesh, rules) -> int:
-  """One device's AdamW state as `grpo.init_optimizer_state` lays it out: moment leaves sharded like their params,
-  scalars (step counts) replicated."""
-  with _quiet_sharding():
-    return sum((_local_size(shape, names, mesh, rules) if names else math.prod(shape)) * itemsize
-               for names, shape, itemsize in _opt_state_leaves(config, grpo_config))
-
-
-@dataclasses.dataclass(frozen=True)
-class Dims:
-  """One device's share of a model's activation dimensions (D is never split; the rest as the rules say)."""
-  L: int
-  D: int
-  F: int
-  H: int
-  K: int
-  E: int
-  V: int
-  c: int        # compute dtype itemsize
-  tied: bool
-  layer_params: int  # one layer's params on a device after an fsdp all-gather (split over tensor only)
-  fsdp: int
-
-
-def _local(name: str, n: int, mesh, rules) -> int:
-  """One device's share of an activation dimension of size n with logical name `name` (all of it if indivisible)."""
-  spec = sharding.logical_to_spec((name,), rules, mesh=mesh, shape=(n,), what="activation")
-  return n // math.prod(mesh.shape[a] for a in ((spec[0],) if isinstance(spec[0], str) else spec[0] or ()))
-
-
-def dims(config: ModelConfig, mesh, rules) -> Dims:
-  local = functools.partial(_local, mesh=mesh, rules=rules)
-  gathered = AbstractMesh(tuple(1 if a == "fsdp" else mesh.shape[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
-  layer = config.replace(num_layers=1)
-  with _quiet_sharding():
-    per_layer = sum(_local_size(s.shape, n, gathered, rules) for n, s in zip(
-        jax.tree.leaves(qwen2.param_logical_axes(layer)["layers"], is_leaf=lambda x: isinstance(x, tuple)),
-        jax.tree.leaves(qwen2.param_shapes(layer)["layers"])))
-  return Dims(config.num_layers, config.hidden_size, local("act_mlp", config.intermediate_size),
-              local("act_heads", config.num_heads), local("act_kv_heads", config.num_kv_heads), config.head_dim,
-              local("act_vocab", config.vocab_size), np.dtype(config.jnp_dtype).itemsize, config.tie_word_embeddings,
-              per_layer, mesh.shape["fsdp"])
-
-
-# --------------------------------------------------------------------------------------- per-phase working sets
-# Per token of one layer, in bytes. `none`: the residuals JAX saves for the backward pass without remat: the fp32
-# RMSNorm inputs (2·D fp32) and, in the compute dtype, 4 D-sized values, q and the attention output (2·H·E), the
-# k/v blocks (2·K·E) and 6 F-sized MLP values (gate, up, silu parts, their product). `dots` keeps the matmul outputs
-# (q, k, v, o, gate, up, down); `full` keeps the layer input only.
-def residuals(d: Dims, remat: str) -> int:
-  if remat == "dots":
-    return (2 * d.D + d.H * d.E + 2 * d.K * d.E + 2 * d.F) * d.c
-  if remat == "full":
-    return d.D * d.c
-  return 2 * d.D * F32 + (4 * d.D + 2 * d.H * d.E + 2 * d.K * d.E + 6 * d.F) * d.c + 4 * F32
-
-
-def _mlp_half(d: Dims) -> int:  # the MLP's share of `residuals(d, "none")`
-  return d.D * F32 + (2 * d.D + 6 * d.F) * d.c + 2 * F32
-
-
-def _attention_tiles(d: Dims, rows: int, T: int, block: int, backward: bool) -> int:
-  """Blocked attention of one layer: the forward holds one fp32 [C, C] score tile a head; the backward of a
-  checkpointed pair of query blocks holds, for each of its n+1 tile steps, four fp32 [C, C] tiles (scores, masked
-  scores, exponentials, their cotangent) and two [C, E] ones. A sequence of one block takes the dense [T, T] softmax."""
-  C = min(block, T)
-  if T <= block:
-    return rows * d.H * T * T * F32 * (3 if backward else 2)
-  n = 2 * -(-T // (2 * C))
-  if backward:
-    return rows * d.H * (n + 1) * C * (4 * C + 2 * d.E) * F32
-  return rows * d.H * C * C * F32
-
-
-def _layer_forward(d: Dims, rows: int, T: int, block: int) -> int:
-  """One layer's forward temporaries without gradients: the residual stream and the RMSNorm output (2·D) with either
-  the MLP's gate, up and product (3·F) or the attention's q, its blocks and output (3·H·E), k and v and their blocks
-  (4·K·E) and score tiles; the RoPE tables; with fsdp, this layer's and the next one's all-gathered weights and the
-  all-gathered embedding."""
-  gather = (2 * d.layer_params + d.D * d.V) * d.c if d.fsdp > 1 else 0
-  mlp = rows * T * 3 * d.F * d.c
-  attention = rows * T * (3 * d.H + 4 * d.K) * d.E * d.c + _attention_tiles(d, rows, T, block, False)
-  return rows * T * (2 * d.D * d.c + 2 * d.E * F32) + max(mlp, attention) + gather
-
-
-def forward_bytes(d: Dims, rows: int, T: int, block: int, chunk: int) -> dict:
-  """Temporaries of `rewards.token_logprobs` (no gradients): the larger of one layer's and the log-prob head's (the
-  final hidden states, padded and chunk-major: 3·D; two fp32 [rows, chunk, V] buffers, the chunk's logits and a
-  temporary; the transposed output kernel when tied, or the all-gathered one with fsdp)."""
-  chunks = 2 * rows * min(chunk, T) * d.V * F32
-  head = chunks + 3 * rows * T * d.D * d.c + (d.D * d.V * d.c if d.tied or d.fsdp > 1 else 0)
-  return dict(temp=max(_layer_forward(d, rows, T, block), head), chunks=chunks)
-
-
-def update_bytes(d: Dims, rows: int, T: int, remat: str, block: int, chunk: int) -> dict:
-  """Activation temporaries of `train._train_step` on one micro-batch of `rows` rows × T tokens (gradients apart).
-
-  At the peak every layer's residuals are saved and one layer is being differentiated: its MLP backward (the
-  MLP's residuals sliced out of the stack, or under full remat the whole layer recomputed, plus cotangents: 2·F in
-  the compute dtype and 6·D fp32), its attention backward (all of the layer's residuals and `_attention_tiles`),
-  or the head's backward (three fp32 [rows, chunk, V] buffers, the transposed kernel and its gradient, fp32
-  hidden-state cotangents)."""
-  tok = rows * T
-  saved = d.L * residuals(d, remat) * tok + tok * 2 * d.E * F32
-  if T <= block and remat == "none":
-    saved += d.L * rows * d.H * T * T * F32  # the dense softmax probabilities
-  live = residuals(d, "none") if remat == "full" else _mlp_half(d)
-  mlp = tok * (live + 2 * d.F * d.c + 6 * d.D * F32)
-  attention = tok * residuals(d, "none") + _attention_tiles(d, rows, T, block, True)
-  chunks = 3 * rows * min(chunk, T) * d.V * F32
-  head = chunks + 2 * d.D * d.V * d.c + 2 * tok * d.D * F32
-  gather = (3 * d.layer_params + d.D * d.V) * d.c if d.fsdp > 1 else 0  # + a layer's unreduced gradients
-  return dict(temp=saved + max(mlp, attention, head) + gather, saved=saved, chunks=chunks)
-
-
-def sample_bytes(d: Dims, prompts: int, rows: int, P: int, N: int, block: int) -> dict:
-  """`sampling.prefill` + `sampling.decode` for `prompts` prompts (on this device) and `rows` = prompts × samples."""
-  slot = 2 * d.L * d.K * d.E * d.c
-  prompt, gen = slot * prompts * P, slot * rows * max(N - 1, 1)
-  prefill = prompt + _layer_forward(d, prompts, P, block) + prompts * d.V * F32
-  # decode: the prompt cache (prefill's output), its heads-first copy, the generation cache, one layer's slices of
-  # both caches, [rows, V] fp32 logits / scaled logits / log-softmax / sample, tokens and log-probs.
-  decode = 2 * prompt + gen + (prompt + gen) // d.L + 4 * rows * d.V * F32 + rows * N * 8
-  return dict(kv_cache=prompt + gen, prefill=prefill, decode=decode, temp=max(prefill, decode))
 
 
 # ------------------------------------------------------------------------------------------------------ the plan
@@ -322,22 +118,27 @@ def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, devi
   prompts in one sampling call (default: the whole step's batch_size / group_size, as `train.rollout` does)."""
   g = _check(cfg)
   rules = sharding.normalize_rules(cfg.sharding_rules or sharding.DEFAULT_RULES)
-  mesh = abstract_mesh(mesh_sizes)
+  mesh = memory.abstract_mesh(mesh_sizes)
   G, block, chunk = cfg.group_size, attention_block, cfg.logprob_chunk_size
   if prompts is None:  # prompts per sampler call and rows per reward call, as train.run splits the step
     prompts = int(cfg.sample_micro_batch) or cfg.batch_size // G
   reward_rows = int(cfg.reward_micro_batch) or cfg.batch_size
   P, N, S = cfg.max_prompt_len, cfg.max_new_tokens, cfg.max_student_len
-  td, sd = dims(teacher, mesh, rules), dims(student, mesh, rules)
-  resident = dict(params=params_device_bytes(teacher, mesh, rules),
-                  opt_state=opt_state_device_bytes(teacher, g, mesh, rules),
-                  ref_params=params_device_bytes(teacher, mesh, rules),
-                  student_params=params_device_bytes(student, mesh, rules))
+  # Sampling, the reward and the reference read compute-dtype weights (the copy, the frozen models); the update reads
+  # the trained params themselves (the fp32 masters of a mixed-precision run).
+  served = teacher.replace(param_dtype=teacher.dtype)
+  td, sd, ud = (memory.dims(c, mesh, rules) for c in (served, student, teacher))
+  resident = dict(params=memory.params_device_bytes(teacher, mesh, rules),
+                  opt_state=memory.opt_state_device_bytes(teacher, g, mesh, rules),
+                  compute_params=(0 if teacher.param_dtype == teacher.dtype
+                                  else memory.params_device_bytes(served, mesh, rules)),
+                  ref_params=memory.params_device_bytes(served, mesh, rules),
+                  student_params=memory.params_device_bytes(student, mesh, rules))
   resident_total = sum(resident.values()) + 8  # + step counters
-  rows, prompts_dev = _local("batch", cfg.batch_size, mesh, rules), _local("batch", prompts, mesh, rules)
-  samp = sample_bytes(td, prompts_dev, _local("batch", prompts * G, mesh, rules), P, N, block)
-  fw_rows = _local("batch", reward_rows, mesh, rules)  # one reward micro-batch's rows on a device
-  t_fw, s_fw = forward_bytes(td, fw_rows, P + N, block, chunk), forward_bytes(sd, fw_rows, S, block, chunk)
+  rows, prompts_dev = memory.local("batch", cfg.batch_size, mesh, rules), memory.local("batch", prompts, mesh, rules)
+  samp = memory.sample_bytes(td, prompts_dev, memory.local("batch", prompts * G, mesh, rules), P, N, block)
+  fw_rows = memory.local("batch", reward_rows, mesh, rules)  # one reward micro-batch's rows on a device
+  t_fw, s_fw = memory.forward_bytes(td, fw_rows, P + N, block, chunk), memory.forward_bytes(sd, fw_rows, S, block, chunk)
   reward_inputs = rows * ((P + N) * 6 + S * 7 + 1)  # int32 ids, bool masks
   # The two forwards are independent, so XLA may start one while the other runs: allow for the other's embedded
   # input and residual stream (2·D a token) beside each, and the teacher's [rows, P+N] fp32 log-probs.
@@ -345,9 +146,8 @@ def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, devi
   reward_temp = max(t_fw["temp"] + stream(sd, S), s_fw["temp"] + stream(td, P + N)) + rows * (P + N) * F32
   if reward_rows < cfg.batch_size:  # in parts (a lax.map), XLA keeps both output kernels live across the loop
     reward_temp += sum(d.D * d.V * d.c for d in (td, sd) if d.tied or d.fsdp > 1)
-  mb_rows = _local("batch", cfg.batch_size // g.micro_batches, mesh, rules)
-  by_remat = {r: update_bytes(td, mb_rows, P + N, r, block, chunk)
-              for r in ("none", "dots", "full")}
+  mb_rows = memory.local("batch", cfg.batch_size // g.micro_batches, mesh, rules)
+  by_remat = {r: memory.update_bytes(ud, mb_rows, P + N, r, block, chunk) for r in ("none", "dots", "full")}
   upd = by_remat[cfg.remat]
   grads = resident["params"] * (2 if g.micro_batches > 1 else 1)  # + the scan's accumulator
   # After the backward pass: the gradients, and the clipped gradients and Adam's updates in flight before the
@@ -373,14 +173,15 @@ def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, devi
   return dict(
       mesh=dict(mesh_sizes), devices=math.prod(mesh_sizes.values()), params_bytes=resident["params"],
       opt_state_bytes=resident["opt_state"], ref_params_bytes=resident["ref_params"],
-      student_params_bytes=resident["student_params"], resident_bytes=resident_total, kv_cache_bytes=samp["kv_cache"],
+      student_params_bytes=resident["student_params"], compute_params_bytes=resident["compute_params"],
+      resident_bytes=resident_total, kv_cache_bytes=samp["kv_cache"],
       activation_bytes=upd["temp"], activation_bytes_by_remat={r: v["temp"] for r, v in by_remat.items()},
       logprob_chunk_bytes=max(phases["reward"]["logprob_chunks"], upd["chunks"]), phases=phases, peak_phase=peak,
       total_bytes=total, device_bytes=device_bytes, usable_bytes=int(device_bytes * usable),
       fits=total <= device_bytes * usable, sampling_prompts=prompts, notes=notes)
 
 
-def _notes(cfg, teacher, td: Dims, mesh_sizes, prompts, mb_rows, micro_batches) -> list[str]:
+def _notes(cfg, teacher, td: memory.Dims, mesh_sizes, prompts, mb_rows, micro_batches) -> list[str]:
   notes = []
   df = mesh_sizes["data"] * mesh_sizes["fsdp"]
   if df > 1 and (cfg.batch_size // micro_batches) % df:
@@ -428,6 +229,50 @@ def search_meshes(cfg, teacher, student, device_bytes, *, max_devices: int = 204
   return found, closest
 
 
+def sft_model_config(cfg, *, model: str | None = None, config_path: str = "") -> tuple[ModelConfig, str]:
+  """The SFT config's model (`model_path`'s config.json, a Qwen2.5 preset, or config.tiny), with its dtypes."""
+  kw = dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat)
+  if cfg.model_path and os.path.isfile(os.path.join(cfg.model_path, "config.json")) and model is None:
+    return ModelConfig.from_hf(cfg.model_path, **kw), f"model {cfg.model_path}/config.json"
+  if cfg.tiny_models and not cfg.model_path and model is None:
+    t = cfg.tiny
+    return tiny.tiny_config(t.vocab_size, hidden=t.hidden, layers=t.layers, heads=t.heads, kv_heads=t.kv_heads,
+                            intermediate=t.intermediate).replace(**kw), "tiny model from config.tiny"
+  name = (model.lower() if model else None) or preset_in(cfg.model_path) or preset_in(config_path)
+  if name is None:
+    raise ValueError(f"config.model_path={cfg.model_path!r} is not a local HF directory and names no Qwen2.5 size: "
+                     f"pass --model (one of {sorted(QWEN25)})")
+  return preset_config(name).replace(**kw), f"model Qwen2.5-{name.upper()} preset"
+
+
+def plan_sft(cfg, model: ModelConfig, mesh_sizes: dict, device_bytes: int, *, usable: float = 0.9,
+             attention_block: int = 512) -> dict:
+  """The per-device plan of an SFT run (`sft.run`): params and AdamW state resident, and one phase, the update of
+  one of `micro_batches` parts of `batch_size` sequences of `max_len` tokens."""
+  for f in ("batch_size", "micro_batches", "max_len", "logprob_chunk_size"):
+    if int(cfg[f]) < 1:
+      raise run_setup.ConfigError(f"config.{f}={cfg[f]!r}: must be >= 1")
+  rules = sharding.normalize_rules(cfg.sharding_rules or sharding.DEFAULT_RULES)
+  mesh = memory.abstract_mesh(mesh_sizes)
+  g = grpo.GRPOConfig(b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, micro_batches=int(cfg.micro_batches))
+  d = memory.dims(model, mesh, rules)
+  resident = dict(params=memory.params_device_bytes(model, mesh, rules),
+                  opt_state=memory.opt_state_device_bytes(model, g, mesh, rules))
+  resident_total = sum(resident.values()) + 4  # + the step counter
+  rows = memory.local("batch", cfg.batch_size, mesh, rules)
+  mb_rows = memory.local("batch", max(cfg.batch_size // cfg.micro_batches, 1), mesh, rules)
+  upd = memory.update_bytes(d, mb_rows, cfg.max_len, cfg.remat, attention_block, cfg.logprob_chunk_size)
+  grads = resident["params"] * (2 if cfg.micro_batches > 1 else 1)
+  update = dict(temp=max(grads + upd["temp"], int(2.5 * resident["params"])), grads=grads,
+                inputs=rows * cfg.max_len * 13,  # int32 ids, segment ids and positions, bool loss mask
+                activations=upd["temp"], saved_residuals=upd["saved"], logprob_chunks=upd["chunks"])
+  update["total"] = resident_total + update["inputs"] + update["temp"]
+  return dict(mesh=dict(mesh_sizes), devices=math.prod(mesh_sizes.values()), params_bytes=resident["params"],
+              opt_state_bytes=resident["opt_state"], resident_bytes=resident_total, phases={"update": update},
+              peak_phase="update", total_bytes=update["total"], device_bytes=device_bytes,
+              usable_bytes=int(device_bytes * usable), fits=update["total"] <= device_bytes * usable, notes=[])
+
+
 # ------------------------------------------------------------------------------------------------------------ CLI
 def report(p: dict, *, header: list[str]) -> str:
   ph = p["phases"]
@@ -438,6 +283,7 @@ def report(p: dict, *, header: list[str]) -> str:
   lines = header + ["", f"  {'per device':<40}{'GiB':>9}",
                     row("teacher params", p["params_bytes"]),
                     row("AdamW state (mu, nu, count)", p["opt_state_bytes"]),
+                    row("compute copy of the teacher", p["compute_params_bytes"], "read by sampling and the reward"),
                     row("reference params", p["ref_params_bytes"]),
                     row("student params", p["student_params_bytes"]),
                     row("resident in every phase", p["resident_bytes"]),
@@ -467,8 +313,32 @@ def _count(n: int) -> str:
   return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
+def _sft_main(cfg, config_path, chip, sizes, as_json, model, usable) -> None:
+  try:
+    m, source = sft_model_config(cfg, model=model, config_path=config_path)
+    p = plan_sft(cfg, m, sizes, CHIPS[chip].hbm_bytes, usable=usable)
+  except (ValueError, run_setup.ConfigError) as e:
+    sys.exit(f"error: {e}")
+  p.update(chip=chip, config=config_path, models=source, remat=cfg.remat)
+  if as_json:
+    print(json.dumps(p, indent=1))
+    return
+  u, gib = p["phases"]["update"], lambda b: f"{b / GiB:.2f}"  # noqa: E731
+  print(f"rlt_jax.plan: {config_path} (SFT) on {p['devices']} x {chip} (mesh {_mesh_text(sizes)}); {source}, params "
+        f"{cfg.param_dtype}, compute {cfg.dtype}, remat {cfg.remat}\n"
+        f"  params {gib(p['params_bytes'])}, AdamW state {gib(p['opt_state_bytes'])}, gradients {gib(u['grads'])}, "
+        f"activations {gib(u['activations'])} GiB a device\n"
+        f"peak: update, {gib(p['total_bytes'])} GiB of {gib(p['usable_bytes'])} GiB usable: "
+        + ("fits" if p["fits"] else "does NOT fit"))
+
+
+def _mesh_text(sizes) -> str:
+  return " ".join(f"{a}={sizes[a]}" for a in sharding.MESH_AXES)
+
+
 def main(cfg, config_path: str, chip: str, mesh: str | None, as_json: bool, model: str | None, usable: float,
          max_devices: int) -> None:
+  """The CLI. Without `mesh`, the config's own mesh when it sets every axis (no -1), else a search."""
   try:
     if chip not in CHIPS:
       raise ValueError(f"--chip={chip!r}: unknown chip; one of {sorted(CHIPS)}")
@@ -476,6 +346,13 @@ def main(cfg, config_path: str, chip: str, mesh: str | None, as_json: bool, mode
       raise ValueError(f"--usable={usable}: must be in (0, 1]")
     if max_devices < 1:
       raise ValueError(f"--max_devices={max_devices}: must be >= 1")
+    own = {a: int(cfg.mesh[a]) for a in sharding.MESH_AXES}
+    if mesh is None and min(own.values()) >= 1:
+      mesh = ",".join(f"{a}={n}" for a, n in own.items())
+    if "max_len" in cfg and "kind" in cfg:  # an SFT config (sft.default_config)
+      if mesh is None:
+        raise ValueError("--mesh: required for an SFT config whose config.mesh has a -1 axis")
+      return _sft_main(cfg, config_path, chip, parse_mesh(mesh), as_json, model, usable)
     device = CHIPS[chip].hbm_bytes
     teacher, student, source = model_configs(cfg, model=model, config_path=config_path)
     kw = dict(usable=usable, attention_block=512)  # qwen2.attention_block_size on accelerators
@@ -497,8 +374,7 @@ def main(cfg, config_path: str, chip: str, mesh: str | None, as_json: bool, mode
   if as_json:
     print(json.dumps(p, indent=1))
     return
-  mesh_text = " ".join(f"{a}={sizes[a]}" for a in sharding.MESH_AXES)
-  header = [f"rlt_jax.plan: {config_path} on {p['devices']} x {chip} (mesh {mesh_text})",
+  header = [f"rlt_jax.plan: {config_path} on {p['devices']} x {chip} (mesh {_mesh_text(sizes)})",
             f"  models: {source}; {_count(p['teacher_params'])} / {_count(p['student_params'])} params, "
             f"params {cfg.param_dtype}, compute {cfg.dtype}, remat {cfg.remat}",
             f"  chip: {CHIPS[chip].note}; usable {usable:.0%}"]
@@ -517,7 +393,8 @@ if __name__ == "__main__":
   _CONFIG = config_flags.DEFINE_config_file("config", None, "An ml_collections config file (configs/*.py).",
                                             lock_config=True)
   _CHIP = flags.DEFINE_string("chip", None, f"Accelerator: one of {sorted(CHIPS)}.")
-  _MESH = flags.DEFINE_string("mesh", None, "data=A,fsdp=B,tensor=C; without it, search the smallest meshes.")
+  _MESH = flags.DEFINE_string("mesh", None, "data=A,fsdp=B,tensor=C; without it, the config's mesh when it has no -1, "
+                              "else a search for the smallest meshes that fit.")
   _JSON = flags.DEFINE_bool("json", False, "Print one JSON object (bytes per device).")
   _MODEL = flags.DEFINE_string("model", None, f"Qwen2.5 size when the config's paths are not local: {sorted(QWEN25)}.")
   _USABLE = flags.DEFINE_float("usable", 0.9, "Fraction of a device's memory the run may use (runtime, fragmentation; "

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlt_jax import checkpoint, data, distributed, formats, grpo, rewards, sharding, tiny
+from rlt_jax import checkpoint, data, distributed, formats, grpo, memory, precision, rewards, sharding, tiny
 from rlt_jax.models.config import ModelConfig
 
 _log = logging.getLogger("rlt_jax")
@@ -34,10 +34,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.tokenizer_path = ""      # "" = the teacher's directory (teacher and student must share the tokenizer)
   c.tiny = ml_collections.ConfigDict(dict(vocab_size=1024, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
                                           warmup_steps=100))
-  c.param_dtype = "float32"
-  c.dtype = "float32"        # compute dtype
+  c.param_dtype = "float32"  # the trained params and AdamW moments (fp32 masters with a bf16 `dtype`)
+  c.dtype = "float32"        # compute dtype of matmuls and activations; the student, the reference and the
+                             # once-a-step copy that sampling and the reward read are stored in it
   c.remat = "none"           # none | full | dots
-  c.data = ml_collections.ConfigDict(dict(path="", reader="auto", strict=False))  # path "" = bundled GSM8K sample
+  c.data = ml_collections.ConfigDict(dict(path="", reader="auto", strict=False,  # path "" = bundled GSM8K sample
+                                          tfds_data_dir=""))  # where tfds:NAME:SPLIT paths live ("" = TFDS's default)
   c.format = ml_collections.ConfigDict(dict(style="stratos", teacher_system="", student_system=""))  # "" = default
   c.batch_size = 1024        # completions per step (prompts × group_size)
   c.group_size = 64          # G samples per prompt
@@ -63,7 +65,22 @@ def default_config() -> ml_collections.ConfigDict:
   c.tensorboard = True
   c.max_bad_steps = 3
   c.export_dir = "export"    # under workdir: the final teacher in HF format ("" = none)
+  c.export_dtype = ""        # dtype of the exported tensors ("" = param_dtype, e.g. the fp32 masters)
+  c.preflight = True         # plan the run's memory for the real mesh and devices before loading (rlt_jax.preflight)
+  c.chip = ""                # "" = detect from the devices; a rlt_jax.plan chip name (h100, tpu-v5p, ...) declares it
   return c
+
+
+def config_file(path: str, *, relative_to: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file (a path relative to the file `relative_to`, when given): how a hardware
+  config starts from the recipe it sizes."""
+  import importlib.util
+  if relative_to:
+    path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
+  spec = importlib.util.spec_from_file_location(os.path.basename(path).removesuffix(".py").replace(".", "_"), path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def _field(name, fn, *args, **kw):
@@ -73,11 +90,43 @@ def _field(name, fn, *args, **kw):
     raise ConfigError(f"config.{name}: {e}") from None
 
 
-def validate(cfg) -> tuple[grpo.GRPOConfig, rewards.RewardConfig]:
-  """Checks the config before any work; every error names the field."""
+def field_value(cfg, field: str):
+  """cfg's value at a dotted field name ("data.path"), or None when there is none."""
+  node = cfg
+  for k in field.split("."):
+    if not hasattr(node, "keys") or k not in node:
+      return None
+    node = node[k]
+  return node
+
+
+def requirer(cfg):
+  """need(ok, field, message): a ConfigError naming the field as the user types it (`config.data.path='x': ...`)."""
   def need(ok, field, msg):
     if not ok:
-      raise ConfigError(f"config.{field}={cfg[field] if field in cfg else None!r}: {msg}")
+      raise ConfigError(f"config.{field}={field_value(cfg, field)!r}: {msg}")
+  return need
+
+
+def check_common(cfg, need, *, lr_field: str | None, learning_rate: float = 0.0) -> None:
+  """Checks that RL, SFT and distillation share: dtypes (and, when `lr_field` names the learning rate of a training
+  run, one the stored params can take), export dtype, chip, data."""
+  for f in ("param_dtype", "dtype") + (("export_dtype",) if cfg.export_dtype else ()):
+    need(cfg[f] in precision.DTYPES, f, f"must be one of {sorted(precision.DTYPES)}")
+  msg = lr_field and precision.check_learning_rate(learning_rate, cfg.param_dtype, lr_field, "param_dtype")
+  if msg:
+    raise ConfigError(msg)
+  need(cfg.chip in ("",) + memory.CHIP_NAMES, "chip", f"must be '' (detect) or one of {sorted(memory.CHIP_NAMES)}")
+  if cfg.data.path:
+    why = data.check_source(cfg.data.path, data_dir=cfg.data.get("tfds_data_dir") or None)
+    need(why is None, "data.path", f"cannot be read: {why} (expected a .jsonl/.json/.parquet/.array_record file, "
+         "a Hugging Face save_to_disk folder, or tfds:NAME:SPLIT)")
+
+
+def validate(cfg, *, training: bool = True) -> tuple[grpo.GRPOConfig, rewards.RewardConfig]:
+  """Checks the config before any work; every error names the field. `training=False` (distillation: the teacher
+  only samples) skips the check that the learning rate survives the params' dtype."""
+  need = requirer(cfg)
   need(cfg.group_size >= 1, "group_size", "must be >= 1")
   need(cfg.batch_size >= 1 and cfg.batch_size % cfg.group_size == 0, "batch_size",
        f"must be a positive multiple of config.group_size={cfg.group_size}")
@@ -105,8 +154,8 @@ def validate(cfg) -> tuple[grpo.GRPOConfig, rewards.RewardConfig]:
        "set teacher_path and student_path together (both empty builds tiny local models)")
   need(bool(cfg.teacher_path) or cfg.tiny_models, "teacher_path",
        "is required (a Hugging Face model directory), unless config.tiny_models=True")
-  need(not cfg.data.path or os.path.exists(cfg.data.path), "data.path", "does not exist")
   g = _field("grpo", grpo.GRPOConfig, **cfg.grpo.to_dict())
+  check_common(cfg, need, lr_field="grpo.learning_rate" if training else None, learning_rate=g.learning_rate)
   r = _field("reward", rewards.RewardConfig, **cfg.reward.to_dict())
   need(cfg.batch_size % g.micro_batches == 0, "batch_size",
        f"must be divisible by config.grpo.micro_batches={g.micro_batches}")
@@ -164,22 +213,26 @@ def make_mesh(cfg) -> tuple[jax.sharding.Mesh, tuple]:
   return mesh, _field("sharding_rules", sharding.normalize_rules, cfg.sharding_rules or sharding.DEFAULT_RULES)
 
 
-def load_model(cfg, path: str, tokenizer, mesh, rules, **model_kw) -> tuple[ModelConfig, dict]:
-  """A Hugging Face model directory onto the mesh (params in `param_dtype`; `model_kw` set compute options such as
-  dtype and remat); a tokenizer with more ids than the embedding has rows is a config error."""
-  config, params = checkpoint.load_hf(path, mesh=mesh, dtype=cfg.param_dtype, rules=rules)
+def load_model(cfg, path: str, tokenizer, mesh, rules, *, param_dtype: str | None = None,
+               **model_kw) -> tuple[ModelConfig, dict]:
+  """A Hugging Face model directory onto the mesh (params in `param_dtype`, default config.param_dtype; `model_kw`
+  set compute options such as dtype and remat); a tokenizer with more ids than the embedding has rows is a config
+  error."""
+  config, params = checkpoint.load_hf(path, mesh=mesh, dtype=param_dtype or cfg.param_dtype, rules=rules)
   if len(tokenizer) > config.vocab_size:
     raise ConfigError(f"config.tokenizer_path: the tokenizer has {len(tokenizer)} ids but the model in {path} has "
                       f"{config.vocab_size} embedding rows")
   return config.replace(**model_kw), params
 
 
-def setup(cfg, workdir: str) -> RunSetup:
+def setup(cfg, workdir: str, *, before_loading=None, training: bool = True) -> RunSetup:
+  """Everything an RL run needs, from its config. `before_loading(cfg, mesh)` runs once the mesh exists and before
+  any weights load (train.run passes the memory preflight); `training` as in `validate`."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO through absl
   if jax.process_index() != 0:  # progress and info once, from process 0; warnings (e.g. bad rows) from every one
     logging.getLogger("rlt_jax").setLevel(logging.WARNING)
-  g, r = validate(cfg)
+  g, r = validate(cfg, training=training)
   os.makedirs(workdir, exist_ok=True)
   teacher_path, student_path = cfg.teacher_path, cfg.student_path
   tok_path = cfg.tokenizer_path or teacher_path
@@ -189,15 +242,19 @@ def setup(cfg, workdir: str) -> RunSetup:
   tokenizer = checkpoint.load_tokenizer(tok_path)
   fmt = make_format(cfg, tokenizer)
   mesh, rules = make_mesh(cfg)
+  if before_loading is not None:
+    before_loading(cfg, mesh)
   model_kw = dict(dtype=cfg.dtype, remat=cfg.remat)
   tc, tp = load_model(cfg, teacher_path, tokenizer, mesh, rules, **model_kw)
-  sc, sp = load_model(cfg, student_path, tokenizer, mesh, rules, **model_kw)
+  # The student is frozen: it only runs forwards, so it is stored in the compute dtype (no master copy).
+  sc, sp = load_model(cfg, student_path, tokenizer, mesh, rules, param_dtype=cfg.dtype, **model_kw)
   _check_student_len(cfg, fmt)
   stats = data.RowStats()
   dataset = data.make_dataset([cfg.data.path or str(data.SAMPLE_PATH)], fmt, kind="prompt",
                               batch_size=cfg.batch_size // cfg.group_size // jax.process_count(),
                               buckets=(cfg.max_prompt_len,), seed=cfg.seed, num_epochs=None,
-                              reader=cfg.data.reader, strict=cfg.data.strict, stats=stats)
+                              reader=cfg.data.reader, strict=cfg.data.strict, stats=stats,
+                              data_dir=cfg.data.tfds_data_dir or None)
   eos_ids = tuple(sorted({i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id)
                           if isinstance(i, int) and i >= 0}))
   return RunSetup(cfg, tokenizer, fmt, mesh, rules, tc, tp, sc, sp, g, r, dataset, eos_ids)

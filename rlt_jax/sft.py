@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlt_jax import checkpoint, data, grpo, metrics, rewards, run_setup, sharding
+from rlt_jax import checkpoint, data, grpo, metrics, preflight, rewards, run_setup, sharding
 from rlt_jax.models.config import ModelConfig
 
 ConfigError = run_setup.ConfigError
@@ -42,10 +42,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.tokenizer_path = ""      # "" = the model's directory
   c.tiny_models = False      # True with an empty model_path: start from the tiny local model (CPU runs, tests)
   c.tiny = run_setup.default_config().tiny
-  c.param_dtype = "float32"
-  c.dtype = "float32"
+  c.param_dtype = "float32"  # the trained params and AdamW moments (fp32 masters with a bf16 `dtype`)
+  c.dtype = "float32"        # compute dtype of matmuls and activations
   c.remat = "none"           # none | full | dots
-  c.data = ml_collections.ConfigDict(dict(path="", reader="auto", strict=False))  # path "" = bundled GSM8K sample
+  c.data = ml_collections.ConfigDict(dict(path="", reader="auto", strict=False,  # path "" = bundled GSM8K sample
+                                          tfds_data_dir=""))  # where tfds:NAME:SPLIT paths live ("" = TFDS's default)
   c.format = ml_collections.ConfigDict(dict(style="stratos", teacher_system="", student_system=""))
   c.max_len = 16384          # context; longer rows are truncated (trl's max_seq_length)
   c.pack = True              # pack rows into max_len sequences (segment ids); False = one row a sequence
@@ -68,6 +69,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.resume = True
   c.tensorboard = True
   c.export_dir = "export"    # under workdir: the final model in HF format ("" = none)
+  c.export_dtype = ""        # dtype of the exported tensors ("" = param_dtype)
+  c.preflight = True         # plan the step's memory for the real mesh and devices before loading (rlt_jax.preflight)
+  c.chip = ""                # "" = detect from the devices; a rlt_jax.plan chip name declares it
   return c
 
 
@@ -105,9 +109,7 @@ def _sft_step(sc: SFTStepConfig, optimizer, schedule, state, batch):
 
 
 def validate(cfg) -> None:
-  def need(ok, field, msg):
-    if not ok:
-      raise ConfigError(f"config.{field}={cfg[field] if field in cfg else None!r}: {msg}")
+  need = run_setup.requirer(cfg)
   need(cfg.kind in KINDS, "kind", f"must be one of {sorted(KINDS)}")
   for f in ("max_len", "batch_size", "micro_batches", "logprob_chunk_size", "checkpoint_every", "keep_checkpoints"):
     need(int(cfg[f]) >= 1, f, "must be >= 1")
@@ -124,7 +126,7 @@ def validate(cfg) -> None:
        "has no config.json (a Hugging Face model directory is expected)")
   need(bool(cfg.model_path) or cfg.tiny_models, "model_path",
        "is required (a Hugging Face model directory), unless config.tiny_models=True")
-  need(not cfg.data.path or os.path.exists(cfg.data.path), "data.path", "does not exist")
+  run_setup.check_common(cfg, need, lr_field="learning_rate", learning_rate=cfg.learning_rate)
 
 
 def _buckets(cfg) -> tuple[int, ...]:
@@ -139,7 +141,7 @@ def _dataset(cfg, fmt, *, num_epochs, stats=None):
   return data.make_dataset([cfg.data.path or str(data.SAMPLE_PATH)], fmt, kind=KINDS[cfg.kind],
                            batch_size=cfg.batch_size // jax.process_count(), buckets=_buckets(cfg), seed=cfg.seed,
                            num_epochs=num_epochs, reader=cfg.data.reader, strict=cfg.data.strict, stats=stats,
-                           truncate=True, pack=cfg.pack, drop_remainder=False)
+                           data_dir=cfg.data.tfds_data_dir or None, truncate=True, pack=cfg.pack, drop_remainder=False)
 
 
 def count_steps(cfg, fmt) -> int:
@@ -178,6 +180,7 @@ def _load(cfg, workdir):
     model_path, tok_path = paths[cfg.kind], paths["tokenizer"]
   tokenizer = checkpoint.load_tokenizer(tok_path)
   mesh, rules = run_setup.make_mesh(cfg)
+  preflight.check(cfg, mesh, kind="sft")  # before any weights load
   mc, params = run_setup.load_model(cfg, model_path, tokenizer, mesh, rules, dtype=cfg.dtype, remat=cfg.remat)
   return tokenizer, run_setup.make_format(cfg, tokenizer), mesh, rules, mc, params
 
@@ -250,7 +253,8 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   if stats.total_bad:
     logging.getLogger("rlt_jax").warning("sft: rows skipped: %s", dict(stats.total_bad))
   if cfg.export_dir:
-    checkpoint.save_hf(mc, state["params"], os.path.join(workdir, cfg.export_dir), tokenizer=tokenizer)
+    checkpoint.save_hf(mc, state["params"], os.path.join(workdir, cfg.export_dir), tokenizer=tokenizer,
+                       dtype=cfg.export_dtype or None)
   if jax.process_index() == 0 and last:
     print(f"\nrlt_jax.sft ({cfg.kind}): {total} steps, last loss {last['loss']:.4f}; rows used "
           f"{stats.total_ok}, skipped {dict(stats.total_bad) or 0}; model: "

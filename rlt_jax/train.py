@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlt_jax import checkpoint, data, distributed, grpo, metrics, rewards, run_setup, sampling, sharding
+from rlt_jax import checkpoint, data, distributed, grpo, metrics, precision, preflight, rewards, run_setup, sampling, \
+    sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,14 +171,16 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
 
   `on_step(step, metrics)`, if given, is called after every step (tests and notebooks use it).
   """
-  rs = run_setup.setup(cfg, workdir)
+  rs = run_setup.setup(cfg, workdir, before_loading=preflight.check)
   sc = StepConfig(rs.teacher_config, rs.grpo_config, float(cfg.temperature), int(cfg.max_new_tokens),
                   int(cfg.logprob_chunk_size))
   optimizer = grpo.make_optimizer(rs.grpo_config)
   replicated = jax.sharding.NamedSharding(rs.mesh, jax.sharding.PartitionSpec())
+  # Mixed precision (precision.py): params and AdamW moments in param_dtype, the reference (forward only) in the
+  # compute dtype, as the student is.
+  ref_params = jax.tree.map(jnp.copy, precision.compute_copy(rs.teacher_params, cfg.dtype))
   state = {"params": rs.teacher_params, "opt_state": grpo.init_optimizer_state(optimizer, rs.teacher_params),
-           "ref_params": jax.tree.map(jnp.copy, rs.teacher_params), "step": jnp.zeros((), jnp.int32),
-           "bad_steps": jnp.zeros((), jnp.int32)}
+           "ref_params": ref_params, "step": jnp.zeros((), jnp.int32), "bad_steps": jnp.zeros((), jnp.int32)}
   # Everything on the mesh (scalars such as Adam's count replicated) ...
   state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
                        else jax.device_put(x, replicated), state)
@@ -196,15 +199,17 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   last, pending = {}, None  # pending: the next step's batch and its sampling, dispatched before this step's update
   for step in range(start, cfg.steps):
     t0 = time.perf_counter()
+    # Sampling and the reward read the params in the compute dtype: one cast a step, sharded as the params are.
+    serving = precision.compute_copy(state["params"], cfg.dtype)
     off_policy = pending is not None  # sampled from the params before the last update
     if off_policy:
       batch, sampled = pending
     else:
       batch = distributed.gather_rows(next(it))  # one process: its batch as it is
-      sampled = sample_step(rs, state["params"], batch, step)
+      sampled = sample_step(rs, serving, batch, step)
     ro = finish_rollout(rs, batch, sampled)
     t1 = time.perf_counter()
-    dev, (reward, rm, teacher_logp) = rollout_rewards(rs, state["params"], ro)
+    dev, (reward, rm, teacher_logp) = rollout_rewards(rs, serving, ro)
     with sharding.use_mesh(rs.mesh, rs.rules):
       advantages = grpo.group_advantages(reward, cfg.group_size, eps=rs.grpo_config.advantage_eps,
                                          scale=rs.grpo_config.advantage_scale)
@@ -219,7 +224,8 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
       data_state, pending = it.get_state(), None
       if cfg.overlap and step + 1 < cfg.steps:  # sample step k+1 from θ_k while θ_k → θ_k+1 is computed
         next_batch = distributed.gather_rows(next(it))
-        pending = (next_batch, sample_step(rs, state["params"], next_batch, step + 1))
+        pending = (next_batch, sample_step(rs, serving, next_batch, step + 1))
+      del serving  # not needed by the update: its memory is free for it (a pending sampler call keeps its own)
       state, upd = train_step(state, {"ids": dev["teacher_ids"], "mask": dev["teacher_mask"],
                                       "old_logp": old_logp, "advantages": advantages})
       upd = distributed.to_host(upd)
@@ -250,7 +256,7 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   writer.close()
   if cfg.export_dir:  # every process joins the gather; process 0 writes
     checkpoint.save_hf(rs.teacher_config, state["params"], os.path.join(workdir, cfg.export_dir),
-                       tokenizer=rs.tokenizer)
+                       tokenizer=rs.tokenizer, dtype=cfg.export_dtype or None)
   run_setup.print_summary(workdir, start, cfg.steps)
   return last
 

@@ -1,11 +1,12 @@
 """grain pipeline: sources, shuffling/epochs/process shards, bucketed batches, resumable state, bad-row accounting."""
 import json
+import re
 import logging
 
 import numpy as np
 import pytest
 
-from rlt_jax import data, formats
+from rlt_jax import data, formats, run_setup, sft
 
 END = "<|end_of_explanation|>"
 
@@ -71,6 +72,20 @@ def test_every_source_kind_reads_the_same_rows(tmp_path, rows):
     assert sorted((g["question"], g["solution"]) for g in got) == want, spec
     assert all(g["answer"] == r["answer"].split("####")[1].strip() for g, r in zip(
         sorted(got, key=lambda g: g["question"]), sorted(rows, key=lambda r: r["question"]))), spec
+  # The RL and SFT configs accept every one of them (validation opens the source as the run will).
+  for spec in specs:
+    rl = run_setup.default_config()
+    rl.tiny_models, rl.data.path, rl.data.tfds_data_dir = True, str(spec), str(tmp_path / "tfds")
+    run_setup.validate(rl)
+    s = sft.default_config()
+    s.tiny_models, s.data.path, s.data.tfds_data_dir = True, str(spec), str(tmp_path / "tfds")
+    sft.validate(s)
+  for bad, why in ((tmp_path / "nope.jsonl", "no such data file"), ("tfds:gsm_rows_tiny", "tfds:NAME:SPLIT"),
+                   (tmp_path, "not a Hugging Face save_to_disk folder")):
+    rl.data.path = str(bad)
+    with pytest.raises(run_setup.ConfigError, match=rf"^config\.data\.path='{re.escape(str(bad))}': cannot be "
+                                                   rf"read: .*{re.escape(why)}"):
+      run_setup.validate(rl)
   assert data.open_source(tmp_path / "r.jsonl")[2].where.endswith("r.jsonl:3")
   with pytest.raises(FileNotFoundError, match="nope.jsonl"):
     data.open_source(tmp_path / "nope.jsonl")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, SHARED, tiny_module_config
-from rlt_jax import checkpoint, grpo, plan, rewards, run_setup, sampling, train
+from rlt_jax import checkpoint, grpo, plan, precision, rewards, run_setup, sampling, sft, train
 from rlt_jax.models import qwen2
 from rlt_jax.models.config import ModelConfig
 
@@ -50,25 +50,37 @@ def sds(shape, dtype):
   return jax.ShapeDtypeStruct(shape, dtype)
 
 
-@pytest.mark.parametrize("mesh", [dict(data=1, fsdp=2, tensor=4), dict(data=2, fsdp=4, tensor=1)])
-def test_resident_bytes_are_the_real_shards(mesh):
-  """kv_heads=2 does not split over tensor=4: those params are replicated there, and the plan must say so too."""
-  cfg = small_config(param_dtype="bfloat16")
-  teacher, _, p = cpu_plan(cfg, mesh)
+@pytest.mark.parametrize("mesh,dtypes", [
+    (dict(data=1, fsdp=2, tensor=4), ("bfloat16", "bfloat16")),
+    (dict(data=2, fsdp=4, tensor=1), ("bfloat16", "bfloat16")),
+    (dict(data=1, fsdp=8, tensor=1), ("float32", "bfloat16")),  # the 7B recipes' mixed precision
+])
+def test_resident_bytes_are_the_real_shards(mesh, dtypes):
+  """kv_heads=2 does not split over tensor=4: those params are replicated there, and the plan must say so too.
+  Mixed precision: fp32 params and moments; the compute copy, reference and student in bf16."""
+  param_dtype, dtype = dtypes
+  cfg = small_config(param_dtype=param_dtype, dtype=dtype)
+  teacher, student, p = cpu_plan(cfg, mesh)
   devices = jax.devices()[:8]
   m = jax.sharding.Mesh(np.asarray(devices).reshape(mesh["data"], mesh["fsdp"], mesh["tensor"]),
                         ("data", "fsdp", "tensor"))
   params = checkpoint.shard_params(qwen2.init_params(teacher, jax.random.key(0)), m, teacher)
-  # As train.run builds it.
+  # As train.run builds them.
   opt_state = grpo.init_optimizer_state(grpo.make_optimizer(grpo.GRPOConfig(**cfg.grpo.to_dict())), params)
+  copy = precision.compute_copy(params, dtype)
+  student_params = checkpoint.shard_params(qwen2.init_params(student, jax.random.key(1)), m, student)
 
   def on_device0(tree):
     return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == devices[0])
 
-  assert p["params_bytes"] == p["ref_params_bytes"] == p["student_params_bytes"] == on_device0(params)
+  assert p["params_bytes"] == on_device0(params)
+  assert p["ref_params_bytes"] == on_device0(copy) and p["student_params_bytes"] == on_device0(student_params)
+  assert p["compute_params_bytes"] == (0 if param_dtype == dtype else on_device0(copy))
   assert p["opt_state_bytes"] == on_device0(opt_state)
-  # mu and nu in the params' dtype (bf16), sharded like the params, plus step counts
+  # mu and nu in the params' dtype, sharded like the params, plus step counts
   assert p["opt_state_bytes"] == 2 * on_device0(params) + 8
+  if param_dtype != dtype:
+    assert p["params_bytes"] == 2 * p["compute_params_bytes"] and jax.tree.leaves(opt_state)[1].dtype == jnp.float32
   if mesh["tensor"] == 4:
     assert any("num_kv_heads=2" in n for n in p["notes"])
 
@@ -134,6 +146,47 @@ def test_kv_cache_and_sampler_memory_are_the_compiled_samplers():
   s = p["phases"]["sample"]
   close(s["prefill"], pre.temp_size_in_bytes + pre.output_size_in_bytes, "prefill: prompt cache + temporaries")
   close(s["decode"], dec.temp_size_in_bytes + prompt_cache, "decode: prompt cache + temporaries")
+
+
+def test_sft_step_memory_is_the_compiled_sft_step():
+  """sft._sft_step jitted as sft.run jits it (donated state, two micro-batches), lowered on abstract shapes."""
+  cfg = sft.default_config()
+  cfg.tiny_models = True
+  cfg.tiny.update(dict(vocab_size=2048, hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512))
+  cfg.max_len, cfg.batch_size, cfg.micro_batches, cfg.logprob_chunk_size = 512, 8, 2, 128
+  model, _ = plan.sft_model_config(cfg)
+  p = plan.plan_sft(cfg, model, ONE, 80 * 2**30, attention_block=qwen2.attention_block_size(model))
+  g = grpo.GRPOConfig(micro_batches=2)
+  optimizer, schedule = grpo.make_optimizer(g), grpo.learning_rate_schedule(g)
+  params = qwen2.param_shapes(model)
+  state = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params), "step": sds((), jnp.int32)}
+  B, L = cfg.batch_size, cfg.max_len
+  batch = {"input_ids": sds((B, L), jnp.int32), "loss_mask": sds((B, L), bool), "segment_ids": sds((B, L), jnp.int32),
+           "positions": sds((B, L), jnp.int32)}
+  sc = sft.SFTStepConfig(model, cfg.logprob_chunk_size, cfg.micro_batches)
+  ma = jax.jit(lambda s, b: sft._sft_step(sc, optimizer, schedule, s, b), donate_argnums=0).lower(
+      state, batch).compile().memory_analysis()
+  upd = p["phases"]["update"]
+  assert ma.argument_size_in_bytes == p["resident_bytes"] + upd["inputs"]
+  close(upd["temp"], ma.temp_size_in_bytes, "sft update temporaries")
+
+
+@pytest.mark.parametrize("name,chip", [("rlt_qwen2.5_7b_8xh100", "h100"), ("rlt_qwen2.5_7b_4x8xh100", "h100"),
+                                       ("rlt_qwen2.5_7b_v5p64", "tpu-v5p")])
+def test_every_hardware_config_fits_its_target(name, chip):
+  """The documented targets, planned exactly as the README says: the config's own mesh, fp32 master weights."""
+  cfg = run_setup.config_file(str(REPO / "configs" / f"{name}.py"))
+  assert (cfg.param_dtype, cfg.dtype) == ("float32", "bfloat16")
+  mesh = ",".join(f"{a}={cfg.mesh[a]}" for a in ("data", "fsdp", "tensor"))
+  assert min(cfg.mesh.values()) >= 1  # explicit, no -1
+  run = subprocess.run([sys.executable, "-m", "rlt_jax.plan", "--config", f"configs/{name}.py", "--chip", chip,
+                        "--mesh", mesh, "--json"], capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert run.returncode == 0, run.stderr
+  out = json.loads(run.stdout)
+  assert out["fits"] is True, (name, out["peak_phase"], out["total_bytes"] / 2**30)
+  assert out["mesh"] == {a: cfg.mesh[a] for a in ("data", "fsdp", "tensor")}
+  assert out["devices"] == {"rlt_qwen2.5_7b_8xh100": 8}.get(name, 32)
+  assert out["params_bytes"] == 2 * out["compute_params_bytes"] > 0  # fp32 masters beside their bf16 copy
 
 
 def test_presets_are_the_published_qwen25_sizes():
