@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from rlt_jax import sharding
+from rlt_jax import precision, sharding
 from rlt_jax.models import qwen2
 from rlt_jax.models.config import ModelConfig
 
@@ -182,7 +182,7 @@ def save_hf(config: ModelConfig, params, path: str | os.PathLike, *, max_shard_b
   entries = []  # (hf name, shape, dtype, thunk)
   for t in _layout(config):
     arr = _get(params, t.path)
-    dt = np.dtype(ml_dtypes.bfloat16) if config.param_dtype == "bfloat16" else np.dtype(config.param_dtype)
+    dt = precision.numpy_dtype(config.param_dtype)
     if t.per_layer:
       for i in range(config.num_layers):
         hf_shape = t.to_hf(np.empty(arr.shape[1:], np.uint8)).shape

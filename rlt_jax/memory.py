@@ -7,7 +7,8 @@ a dimension a mesh axis does not divide is replicated, as `sharding.logical_to_s
   resident, all phases: the trained params in `param_dtype` (the fp32 masters of a mixed-precision run), the AdamW
     state (optax keeps mu and nu in the params' dtype, sharded like the params; step counts), and, in the compute
     dtype, the reference params, the student params and the once-a-step compute copy of the trained params
-    (`precision.compute_copy`, absent when param_dtype = dtype) that sampling and the reward read.
+    (`precision.compute_copy`, absent when param_dtype = dtype) that sampling and the reward read (freed before a
+    synchronous update).
   sample:  `sampling.prefill` (the prompt KV cache and one layer's forward temporaries), then `sampling.decode`
     (prompt cache, its heads-first copy, the generation cache, one layer's cache slices, [rows, V] fp32 logits).
   reward:  `rewards.rlt_rewards` on one `reward_micro_batch` part: teacher then student forward, one layer's

@@ -164,6 +164,8 @@ def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, devi
   }
   for p in phases.values():
     p["total"] = resident_total + p["inputs"] + p["temp"]
+  if not cfg.overlap:  # train.run drops the compute copy before a synchronous update (overlap samples from it)
+    phases["update"]["total"] -= resident["compute_params"]
   peak = max(phases, key=lambda k: phases[k]["total"])
   total = phases[peak]["total"]
   notes = _notes(cfg, teacher, td, mesh_sizes, prompts, mb_rows, g.micro_batches)

@@ -20,6 +20,11 @@ import numpy as np
 
 _NP = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 DTYPES = tuple(_NP)
+
+
+def numpy_dtype(name: str) -> np.dtype:
+  """The NumPy dtype of a dtype name ("bfloat16" is ml_dtypes')."""
+  return np.dtype(_NP[name])
 WEIGHT_SCALE = 0.02   # std of the weights the rounding check assumes (the init scale of Qwen2/Llama models)
 MIN_MOVED = 0.9       # a learning rate must change at least this share of such weights in one step
 

@@ -178,7 +178,9 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   replicated = jax.sharding.NamedSharding(rs.mesh, jax.sharding.PartitionSpec())
   # Mixed precision (precision.py): params and AdamW moments in param_dtype, the reference (forward only) in the
   # compute dtype, as the student is.
-  ref_params = jax.tree.map(jnp.copy, precision.compute_copy(rs.teacher_params, cfg.dtype))
+  ref_params = precision.compute_copy(rs.teacher_params, cfg.dtype)
+  if ref_params is rs.teacher_params:  # same dtype: no copy was made, and the reference needs buffers of its own
+    ref_params = jax.tree.map(jnp.copy, ref_params)
   state = {"params": rs.teacher_params, "opt_state": grpo.init_optimizer_state(optimizer, rs.teacher_params),
            "ref_params": ref_params, "step": jnp.zeros((), jnp.int32), "bad_steps": jnp.zeros((), jnp.int32)}
   # Everything on the mesh (scalars such as Adam's count replicated) ...
