@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh
 
-from rlt_jax import grpo, sharding
+from rlt_jax import decode, grpo, sharding
 from rlt_jax.models import qwen2
 from rlt_jax.models.config import ModelConfig
 
@@ -42,20 +42,31 @@ F32 = 4
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  hbm_bytes: int   # memory of one JAX device
+  hbm_bytes: int     # memory of one JAX device
   note: str
+  host_devices: int  # devices one host (process) holds: a rollout copy's tensor group stays within it
 
 
 CHIPS = {  # one JAX device = one chip (a TPU v4/v5p chip's two TensorCores are one device)
-    "tpu-v4": Chip(32 * GiB, "TPU v4: 32 GiB HBM2 a chip"),
-    "tpu-v5e": Chip(16 * GiB, "TPU v5e: 16 GiB HBM2 a chip"),
-    "tpu-v5p": Chip(95 * GiB, "TPU v5p: 95 GiB HBM2e a chip; a v5p-N slice counts N TensorCores = N/2 chips"),
-    "tpu-v6e": Chip(32 * GiB, "TPU v6e (Trillium): 32 GiB HBM a chip"),
-    "a100-40g": Chip(40960 * MiB, "A100 40GB: 40,960 MiB as nvidia-smi reports it"),
-    "a100-80g": Chip(81920 * MiB, "A100 80GB: 81,920 MiB (80 GiB) as nvidia-smi reports it"),
-    "h100": Chip(81559 * MiB, "H100 SXM 80GB: 81,559 MiB (79.6 GiB) as nvidia-smi reports it"),
-    "h200": Chip(143771 * MiB, "H200 141GB: 143,771 MiB (140.4 GiB) as nvidia-smi reports it"),
+    "tpu-v4": Chip(32 * GiB, "TPU v4: 32 GiB HBM2 a chip", 4),
+    "tpu-v5e": Chip(16 * GiB, "TPU v5e: 16 GiB HBM2 a chip", 4),
+    "tpu-v5p": Chip(95 * GiB, "TPU v5p: 95 GiB HBM2e a chip; a v5p-N slice counts N TensorCores = N/2 chips", 4),
+    "tpu-v6e": Chip(32 * GiB, "TPU v6e (Trillium): 32 GiB HBM a chip", 4),
+    "a100-40g": Chip(40960 * MiB, "A100 40GB: 40,960 MiB as nvidia-smi reports it", 8),
+    "a100-80g": Chip(81920 * MiB, "A100 80GB: 81,920 MiB (80 GiB) as nvidia-smi reports it", 8),
+    "h100": Chip(81559 * MiB, "H100 SXM 80GB: 81,559 MiB (79.6 GiB) as nvidia-smi reports it", 8),
+    "h200": Chip(143771 * MiB, "H200 141GB: 143,771 MiB (140.4 GiB) as nvidia-smi reports it", 8),
 }
+
+
+def rollout_mesh_sizes(config: ModelConfig, mesh_sizes: dict, host_devices: int, requested: int = 0) -> dict:
+  """The (data, 1, tensor) mesh `sharding.rollout_mesh` makes of these devices, tensor as `sharding.rollout_tensor`
+  picks it for hosts of `host_devices` devices (or `requested`)."""
+  n = math.prod(mesh_sizes.values())
+  local = math.gcd(n, host_devices)
+  t = requested or max(t for t in range(1, local + 1) if local % t == 0 and config.num_heads % t == 0
+                       and config.num_kv_heads % t == 0)
+  return dict(data=n // t, fsdp=1, tensor=t)
 CHIP_NAMES = tuple(CHIPS)
 
 
@@ -222,13 +233,14 @@ def update_bytes(d: Dims, rows: int, T: int, remat: str, block: int, chunk: int)
   return dict(temp=saved + max(mlp, attention, head) + gather, saved=saved, chunks=chunks)
 
 
-def sample_bytes(d: Dims, prompts: int, rows: int, P: int, N: int, block: int) -> dict:
-  """`sampling.prefill` + `sampling.decode` for `prompts` prompts (on this device) and `rows` = prompts × samples."""
+def sample_bytes(d: Dims, prompts: int, rows: int, P: int, N: int, block: int, window: int = 256) -> dict:
+  """`decode.prefill` + `decode.decode` for `prompts` prompts (on this device) and `rows` = prompts × samples, the
+  generation cache allocated in whole windows (`decode.windows`)."""
   slot = 2 * d.L * d.K * d.E * d.c
-  prompt, gen = slot * prompts * P, slot * rows * max(N - 1, 1)
+  prompt, gen = slot * prompts * P, slot * rows * decode.windows(max(N - 1, 1), window)[-1]
   prefill = prompt + _layer_forward(d, prompts, P, block) + prompts * d.V * F32
   # decode: the prompt cache (prefill's output), its heads-first copy, the generation cache, one layer's slices of
   # both caches, [rows, V] fp32 logits / scaled logits / log-softmax / sample, tokens and log-probs.
-  decode = 2 * prompt + gen + (prompt + gen) // d.L + 4 * rows * d.V * F32 + rows * N * 8
-  return dict(kv_cache=prompt + gen, prefill=prefill, decode=decode, temp=max(prefill, decode))
+  loop = 2 * prompt + gen + (prompt + gen) // d.L + 4 * rows * d.V * F32 + rows * N * 8
+  return dict(kv_cache=prompt + gen, prefill=prefill, decode=loop, temp=max(prefill, loop))
 

@@ -111,11 +111,12 @@ def _check(cfg) -> grpo.GRPOConfig:
 
 
 def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, device_bytes: int, *,
-         usable: float = 0.9, attention_block: int = 512, prompts: int | None = None) -> dict:
+         usable: float = 0.9, attention_block: int = 512, prompts: int | None = None, host_devices: int = 8) -> dict:
   """The per-device plan (bytes) of `cfg` on a `mesh_sizes` mesh of devices with `device_bytes` each.
 
   `attention_block`: `qwen2.attention_block_size` of the target (512 on accelerators, 64 on CPU). `prompts`:
-  prompts in one sampling call (default: the whole step's batch_size / group_size, as `train.rollout` does)."""
+  prompts in one sampling call (default: the whole step's batch_size / group_size, as `train.rollout` does).
+  `host_devices`: devices a host holds (the rollout copy's tensor group stays within one)."""
   g = _check(cfg)
   rules = sharding.normalize_rules(cfg.sharding_rules or sharding.DEFAULT_RULES)
   mesh = memory.abstract_mesh(mesh_sizes)
@@ -124,19 +125,26 @@ def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, devi
     prompts = int(cfg.sample_micro_batch) or cfg.batch_size // G
   reward_rows = int(cfg.reward_micro_batch) or cfg.batch_size
   P, N, S = cfg.max_prompt_len, cfg.max_new_tokens, cfg.max_student_len
-  # Sampling, the reward and the reference read compute-dtype weights (the copy, the frozen models); the update reads
-  # the trained params themselves (the fp32 masters of a mixed-precision run).
+  # Sampling, the reward and the reference read compute-dtype weights (the copies, the frozen models); the update
+  # reads the trained params themselves (the fp32 masters of a mixed-precision run).
   served = teacher.replace(param_dtype=teacher.dtype)
-  td, sd, ud = (memory.dims(c, mesh, rules) for c in (served, student, teacher))
+  sd, ud = (memory.dims(c, mesh, rules) for c in (student, teacher))
+  td = memory.dims(served, mesh, rules)
+  # Sampling runs on the rollout layout: the compute copy again, on a (data, 1, tensor) mesh of the same devices.
+  rollout_sizes = memory.rollout_mesh_sizes(teacher, mesh_sizes, host_devices, int(cfg.rollout_tensor))
+  rmesh = memory.abstract_mesh(rollout_sizes)
+  rrules = sharding.normalize_rules(cfg.rollout_rules or sharding.ROLLOUT_RULES)
+  same = teacher.param_dtype == teacher.dtype and math.prod(mesh_sizes.values()) == 1  # the params themselves
   resident = dict(params=memory.params_device_bytes(teacher, mesh, rules),
                   opt_state=memory.opt_state_device_bytes(teacher, g, mesh, rules),
-                  compute_params=(0 if teacher.param_dtype == teacher.dtype
-                                  else memory.params_device_bytes(served, mesh, rules)),
                   ref_params=memory.params_device_bytes(served, mesh, rules),
                   student_params=memory.params_device_bytes(student, mesh, rules))
+  copies = dict(compute=(0 if teacher.param_dtype == teacher.dtype else memory.params_device_bytes(served, mesh, rules)),
+                rollout=0 if same else memory.params_device_bytes(served, rmesh, rrules))
   resident_total = sum(resident.values()) + 8  # + step counters
-  rows, prompts_dev = memory.local("batch", cfg.batch_size, mesh, rules), memory.local("batch", prompts, mesh, rules)
-  samp = memory.sample_bytes(td, prompts_dev, memory.local("batch", prompts * G, mesh, rules), P, N, block)
+  rows = memory.local("batch", cfg.batch_size, mesh, rules)
+  samp = memory.sample_bytes(memory.dims(served, rmesh, rrules), memory.local("batch", prompts, rmesh, rrules),
+                             memory.local("batch", prompts * G, rmesh, rrules), P, N, block)
   fw_rows = memory.local("batch", reward_rows, mesh, rules)  # one reward micro-batch's rows on a device
   t_fw, s_fw = memory.forward_bytes(td, fw_rows, P + N, block, chunk), memory.forward_bytes(sd, fw_rows, S, block, chunk)
   reward_inputs = rows * ((P + N) * 6 + S * 7 + 1)  # int32 ids, bool masks
@@ -154,28 +162,33 @@ def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, devi
   # non-finite check selects the new state (2.5× the params in XLA's buffer assignment of a step with tiny batches).
   optimizer_step = int(2.5 * resident["params"])
   update_inputs = rows * (P + N) * 9 + rows * F32
+  # Copies alive in each phase: the rollout copy while sampling, the compute copy for the reward; with overlap, the
+  # next step's sampling (and its copy) is dispatched while the compute copy is still held, before the update.
+  held = dict(sample=copies["rollout"] + (copies["compute"] if cfg.overlap else 0), reward=copies["compute"],
+              update=copies["compute"] + copies["rollout"] if cfg.overlap else 0)
   phases = {
-      "sample": dict(temp=samp["temp"], inputs=prompts_dev * P * 5, kv_cache=samp["kv_cache"],
-                     prefill=samp["prefill"], decode=samp["decode"]),
+      "sample": dict(temp=samp["temp"], inputs=memory.local("batch", prompts, rmesh, rrules) * P * 5,
+                     kv_cache=samp["kv_cache"], prefill=samp["prefill"], decode=samp["decode"]),
       "reward": dict(temp=reward_temp, inputs=reward_inputs, teacher_forward=t_fw["temp"],
                      student_forward=s_fw["temp"], logprob_chunks=max(t_fw["chunks"], s_fw["chunks"])),
       "update": dict(temp=max(grads + upd["temp"], optimizer_step), inputs=update_inputs, grads=grads,
                      activations=upd["temp"], saved_residuals=upd["saved"], logprob_chunks=upd["chunks"]),
   }
-  for p in phases.values():
-    p["total"] = resident_total + p["inputs"] + p["temp"]
-  if not cfg.overlap:  # train.run drops the compute copy before a synchronous update (overlap samples from it)
-    phases["update"]["total"] -= resident["compute_params"]
+  for name, p in phases.items():
+    p["copies"] = held[name]
+    p["total"] = resident_total + held[name] + p["inputs"] + p["temp"]
   peak = max(phases, key=lambda k: phases[k]["total"])
   total = phases[peak]["total"]
-  notes = _notes(cfg, teacher, td, mesh_sizes, prompts, mb_rows, g.micro_batches)
+  notes = _notes(cfg, teacher, td, memory.dims(served, rmesh, rrules), mesh_sizes, rollout_sizes, prompts, mb_rows,
+                 g.micro_batches)
   if peak == "reward" and reward_rows == cfg.batch_size:
     notes.append(f"the reward scores all {cfg.batch_size} rows of a step at once ({rows} a device); set "
                  "config.reward_micro_batch to score them in parts")
   return dict(
       mesh=dict(mesh_sizes), devices=math.prod(mesh_sizes.values()), params_bytes=resident["params"],
       opt_state_bytes=resident["opt_state"], ref_params_bytes=resident["ref_params"],
-      student_params_bytes=resident["student_params"], compute_params_bytes=resident["compute_params"],
+      student_params_bytes=resident["student_params"], compute_params_bytes=copies["compute"],
+      rollout_params_bytes=copies["rollout"], rollout_mesh=rollout_sizes,
       resident_bytes=resident_total, kv_cache_bytes=samp["kv_cache"],
       activation_bytes=upd["temp"], activation_bytes_by_remat={r: v["temp"] for r, v in by_remat.items()},
       logprob_chunk_bytes=max(phases["reward"]["logprob_chunks"], upd["chunks"]), phases=phases, peak_phase=peak,
@@ -183,19 +196,24 @@ def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, devi
       fits=total <= device_bytes * usable, sampling_prompts=prompts, notes=notes)
 
 
-def _notes(cfg, teacher, td: memory.Dims, mesh_sizes, prompts, mb_rows, micro_batches) -> list[str]:
+def _notes(cfg, teacher, td: memory.Dims, rd: memory.Dims, mesh_sizes, rollout_sizes, prompts, mb_rows,
+           micro_batches) -> list[str]:
   notes = []
   df = mesh_sizes["data"] * mesh_sizes["fsdp"]
   if df > 1 and (cfg.batch_size // micro_batches) % df:
     notes.append(f"an update micro-batch has {cfg.batch_size // micro_batches} rows (batch_size / grpo.micro_batches),"
                  f" which data×fsdp={df} does not divide: every device computes all {mb_rows} of them")
-  if df > 1 and prompts % df:
-    notes.append(f"{prompts} prompts a sampling call do not split over data×fsdp={df}: every device holds every "
-                 "prompt's KV cache")
   t = mesh_sizes["tensor"]
   if t > 1 and td.K == teacher.num_kv_heads:
-    notes.append(f"num_kv_heads={teacher.num_kv_heads} does not split over tensor={t}: k/v weights and the KV cache "
-                 "are replicated over tensor")
+    notes.append(f"num_kv_heads={teacher.num_kv_heads} does not split over tensor={t}: k/v weights are replicated "
+                 "over tensor")
+  rdata, t = rollout_sizes["data"], rollout_sizes["tensor"]
+  if rdata > 1 and prompts % rdata and rdata % prompts:
+    notes.append(f"{prompts} prompts a sampling call neither split over nor divide the rollout mesh's data={rdata}: "
+                 "every device holds every prompt's KV cache, and the sampler cannot shed finished rows")
+  if t > 1 and rd.K == teacher.num_kv_heads:
+    notes.append(f"num_kv_heads={teacher.num_kv_heads} does not split over the rollout mesh's tensor={t}: k/v weights "
+                 "and the KV cache are replicated over tensor")
   return notes
 
 
@@ -285,10 +303,12 @@ def report(p: dict, *, header: list[str]) -> str:
   lines = header + ["", f"  {'per device':<40}{'GiB':>9}",
                     row("teacher params", p["params_bytes"]),
                     row("AdamW state (mu, nu, count)", p["opt_state_bytes"]),
-                    row("compute copy of the teacher", p["compute_params_bytes"], "read by sampling and the reward"),
+                    row("compute copy of the teacher", p["compute_params_bytes"], "read by the reward"),
+                    row("rollout copy of the teacher", p["rollout_params_bytes"],
+                        "read by sampling, on mesh " + _mesh_text(p["rollout_mesh"])),
                     row("reference params", p["ref_params_bytes"]),
                     row("student params", p["student_params_bytes"]),
-                    row("resident in every phase", p["resident_bytes"]),
+                    row("resident in every phase", p["resident_bytes"], "the copies come and go by phase"),
                     row("sample: KV cache", p["kv_cache_bytes"],
                         f"{p['sampling_prompts']} prompts x {p['group_size']} samples in one call"),
                     row("sample: prefill working set", s["prefill"]),
@@ -301,7 +321,7 @@ def report(p: dict, *, header: list[str]) -> str:
                     row("update: of which saved residuals", u["saved_residuals"]),
                     row("update: log-prob chunk buffers", u["logprob_chunks"]),
                     ""]
-  lines += [row(f"phase {k} (resident + inputs + working set)", ph[k]["total"]) for k in ph]
+  lines += [row(f"phase {k} (resident + copies + inputs + working set)", ph[k]["total"]) for k in ph]
   lines.append(f"peak: {p['peak_phase']}, {gib(p['total_bytes'])} GiB of {gib(p['usable_bytes'])} GiB usable "
                f"({gib(p['device_bytes'])} GiB a device): " + ("fits" if p["fits"] else "does NOT fit"))
   k = p["max_sampling_prompts"]
@@ -357,7 +377,8 @@ def main(cfg, config_path: str, chip: str, mesh: str | None, as_json: bool, mode
       return _sft_main(cfg, config_path, chip, parse_mesh(mesh), as_json, model, usable)
     device = CHIPS[chip].hbm_bytes
     teacher, student, source = model_configs(cfg, model=model, config_path=config_path)
-    kw = dict(usable=usable, attention_block=512)  # qwen2.attention_block_size on accelerators
+    # qwen2.attention_block_size on accelerators
+    kw = dict(usable=usable, attention_block=512, host_devices=CHIPS[chip].host_devices)
     search = None
     if mesh is None:
       search, closest = search_meshes(cfg, teacher, student, device, max_devices=max_devices, **kw)

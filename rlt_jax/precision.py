@@ -32,15 +32,32 @@ MIN_MOVED = 0.9       # a learning rate must change at least this share of such 
 @functools.partial(jax.jit, static_argnums=1)
 def _cast(params, dtype: str):
   # A jitted elementwise cast keeps each leaf's sharding: no gather, one pass over the params.
-  return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+  return jax.tree.map(lambda p: _cast_leaf(p, dtype), params)
 
 
-def compute_copy(params, dtype: str):
-  """`params` with every floating leaf in `dtype`, each sharded as its source; `params` itself when nothing changes
-  (no copy in an all-fp32 run)."""
-  if all(p.dtype == jnp.dtype(dtype) for p in jax.tree.leaves(params) if jnp.issubdtype(p.dtype, jnp.floating)):
+@functools.lru_cache(maxsize=8)
+def _cast_to(dtype: str, sources: tuple, targets: tuple):
+  # Cast where each leaf is, then move: the move (all-gathers within a tensor group) carries the smaller dtype.
+  return jax.jit(lambda leaves: [jax.lax.with_sharding_constraint(_cast_leaf(p, dtype), s)
+                                 for p, s in zip(leaves, sources)], out_shardings=list(targets))
+
+
+def _cast_leaf(p, dtype: str):
+  return p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p
+
+
+def compute_copy(params, dtype: str, shardings=None):
+  """`params` with every floating leaf in `dtype`, each sharded as its source or, given `shardings` (a pytree like
+  `params`, e.g. the rollout layout), as they say: one jitted program that casts and moves. `params` itself when
+  nothing changes (no copy in an all-fp32 run on the training layout)."""
+  leaves, treedef = jax.tree.flatten(params)
+  same_dtype = all(p.dtype == jnp.dtype(dtype) for p in leaves if jnp.issubdtype(p.dtype, jnp.floating))
+  if shardings is None:
+    return params if same_dtype else _cast(params, dtype)
+  targets = tuple(jax.tree.leaves(shardings))
+  if same_dtype and all(p.sharding == s for p, s in zip(leaves, targets)):
     return params
-  return _cast(params, dtype)
+  return jax.tree.unflatten(treedef, _cast_to(dtype, tuple(p.sharding for p in leaves), targets)(leaves))
 
 
 def moved_fraction(learning_rate: float, dtype: str, *, scale: float = WEIGHT_SCALE, n: int = 200_000,

@@ -87,7 +87,9 @@ def check(cfg, mesh, *, kind: str = "rl"):
   else:
     teacher, student, _ = plan.model_configs(cfg)
     block = qwen2.attention_block_size(teacher)
-    plan_of = lambda c: plan.plan(c, teacher, student, sizes, device_bytes, usable=usable, attention_block=block)  # noqa: E731
+    host = mesh.devices.size // len({d.process_index for d in mesh.devices.flat})  # devices a process holds
+    plan_of = lambda c: plan.plan(c, teacher, student, sizes, device_bytes, usable=usable,  # noqa: E731
+                                  attention_block=block, host_devices=host)
   p = plan_of(cfg)
   gib = lambda b: f"{b / GiB:.2f} GiB" if b >= GiB / 100 else f"{b / MiB:.1f} MiB"  # noqa: E731
   where = f"{p['devices']} x {chip} (mesh {' '.join(f'{a}={sizes[a]}' for a in sharding.MESH_AXES)})"
@@ -105,8 +107,7 @@ def check(cfg, mesh, *, kind: str = "rl"):
     lines.append(f"  phase {phase} needs {gib(p['phases'][phase]['total'])} a device, {gib(over)} over: {how} "
                  f"config.{field} (now {run_setup.field_value(cfg, field)}; " +
                  (f"{fix} fits)" if fix is not None else "no value fits alone)"))
-  names = dict(params="trained params", opt_state="AdamW state", compute_params="compute copy",
-               ref_params="reference", student_params="student")
+  names = dict(params="trained params", opt_state="AdamW state", ref_params="reference", student_params="student")
   lines.append(f"  resident in every phase: {gib(p['resident_bytes'])} (" + ", ".join(
       f"{label} {gib(p[k + '_bytes'])}" for k, label in names.items() if p.get(k + "_bytes")) + ")")
   lines.append("  Other levers: config.mesh (more fsdp shards the resident state and the batch), config.remat="

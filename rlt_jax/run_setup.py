@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from rlt_jax import checkpoint, data, distributed, formats, grpo, memory, precision, rewards, sharding, tiny
+from rlt_jax.models import qwen2
 from rlt_jax.models.config import ModelConfig
 
 _log = logging.getLogger("rlt_jax")
@@ -54,6 +55,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.num_devices = 0          # 0 = every device; n = only the first n (to compare layouts on one machine)
   c.sharding_rules = ()      # () = sharding.DEFAULT_RULES; else (logical, mesh axes) pairs
+  c.rollout_tensor = 0       # devices a rollout (sampling) copy is split over; 0 = most that divide the heads in a host
+  c.rollout_rules = ()       # () = sharding.ROLLOUT_RULES: the rollout copy's rules on its (data, 1, tensor) mesh
   c.logprob_chunk_size = 512
   c.sample_micro_batch = 0   # prompts per sampler call (0 = the step's prompts in one call); see rlt_jax.plan
   c.reward_micro_batch = 0   # rows per reward part inside the reward call (0 = all at once)
@@ -163,6 +166,8 @@ def validate(cfg, *, training: bool = True) -> tuple[grpo.GRPOConfig, rewards.Re
        f"must equal config.temperature={cfg.temperature}: the reward's teacher log-probs are GRPO's old log-probs")
   _field("mesh", lambda: [int(v) for v in cfg.mesh.values()])
   _field("sharding_rules", sharding.normalize_rules, cfg.sharding_rules or sharding.DEFAULT_RULES)
+  _field("rollout_rules", sharding.normalize_rules, cfg.rollout_rules or sharding.ROLLOUT_RULES)
+  need(int(cfg.rollout_tensor) >= 0, "rollout_tensor", "must be >= 0 (0 = chosen from the heads and devices)")
   return g, r
 
 
@@ -181,6 +186,24 @@ class RunSetup:
   reward_config: rewards.RewardConfig
   dataset: object
   eos_ids: tuple[int, ...]
+  rollout: Rollout = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+  """The layout sampling reads (sharding.rollout_mesh): its mesh, rules and the teacher params' shardings on it."""
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  shardings: object
+
+
+def make_rollout(cfg, mesh, teacher_config: ModelConfig, teacher_params) -> Rollout:
+  rules = _field("rollout_rules", sharding.normalize_rules, cfg.rollout_rules or sharding.ROLLOUT_RULES)
+  tensor = _field("rollout_tensor", sharding.rollout_tensor, mesh, teacher_config.num_heads,
+                  teacher_config.num_kv_heads, int(cfg.rollout_tensor))
+  rmesh = sharding.rollout_mesh(mesh, tensor)
+  return Rollout(rmesh, rules, sharding.tree_shardings(qwen2.param_logical_axes(teacher_config), teacher_params,
+                                                       rmesh, rules))
 
 
 def tiny_model_paths(cfg, workdir: str) -> dict[str, str]:
@@ -257,7 +280,8 @@ def setup(cfg, workdir: str, *, before_loading=None, training: bool = True) -> R
                               data_dir=cfg.data.tfds_data_dir or None)
   eos_ids = tuple(sorted({i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id)
                           if isinstance(i, int) and i >= 0}))
-  return RunSetup(cfg, tokenizer, fmt, mesh, rules, tc, tp, sc, sp, g, r, dataset, eos_ids)
+  return RunSetup(cfg, tokenizer, fmt, mesh, rules, tc, tp, sc, sp, g, r, dataset, eos_ids,
+                  make_rollout(cfg, mesh, tc, tp))
 
 
 def _barrier(name: str) -> None:

@@ -39,6 +39,12 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("act_vocab", "tensor"),
 )
 
+# The rollout layout (`rollout_mesh`): what sampling reads, laid out once a step. Weights are split over tensor
+# only, so each device of a tensor group holds its slice whole and the decode loop gathers no weights (with the
+# training rules' embed -> fsdp it would all-gather every layer's weights on every generated token).
+ROLLOUT_RULES: tuple[tuple[str, Any], ...] = tuple((name, None if name == "embed" else axes)
+                                                   for name, axes in DEFAULT_RULES)
+
 ON_INDIVISIBLE = ("replicate", "error")
 _log = logging.getLogger(__name__)
 _state = {"rules": DEFAULT_RULES}
@@ -173,3 +179,31 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 def batch_sharding(mesh: Mesh, ndim: int, rules=None) -> NamedSharding:
   """Sharding of a [batch, ...] input: batch over the rule for "batch", the rest replicated."""
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh=mesh))
+
+
+def shard_count(name: str, size: int) -> int:
+  """Devices a dimension of `size` with logical name `name` is split over under the context mesh (1 outside one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  axes = logical_to_spec((name,), mesh=mesh, shape=(size,), what="activation")[0]
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+
+
+def rollout_tensor(mesh: Mesh, num_heads: int, num_kv_heads: int, requested: int = 0) -> int:
+  """Devices one rollout copy is split over: `requested`, or (0) the most that divide the query and kv heads and the
+  devices a process holds, so that a tensor group never spans hosts."""
+  n = mesh.devices.size
+  if requested:
+    if n % requested:
+      raise ValueError(f"rollout tensor size {requested} does not divide the mesh's {n} devices")
+    return requested
+  local = n // len({d.process_index for d in mesh.devices.flat})
+  return max(t for t in range(1, local + 1) if local % t == 0 and num_heads % t == 0 and num_kv_heads % t == 0)
+
+
+def rollout_mesh(mesh: Mesh, tensor: int) -> Mesh:
+  """The training mesh's devices as a (data = n / tensor, fsdp = 1, tensor) mesh, in the same device order, so that
+  one jitted cast moves the params from one layout to the other (jit needs one device order)."""
+  devices = np.asarray(mesh.devices).reshape(-1, 1, tensor)
+  return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

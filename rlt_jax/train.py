@@ -79,17 +79,24 @@ def _train_step(sc: StepConfig, optimizer, state, batch):
   return new_state, m
 
 
+def rollout_params(rs: run_setup.RunSetup, params):
+  """The params laid out for sampling (`run_setup.Rollout`): cast to the compute dtype and moved to the rollout
+  mesh in one program, once a step; `params` itself when that layout and dtype are already theirs."""
+  return precision.compute_copy(params, rs.config.dtype, rs.rollout.shardings)
+
+
 def sample_step(rs: run_setup.RunSetup, params, batch: dict, step: int) -> list:
   """Dispatches the step's sampling (asynchronously: device arrays come back at once) in calls of
-  `config.sample_micro_batch` prompts (0 = all in one call). Each call stops when its own rows have finished, so
-  smaller calls idle less behind their longest row; every call has the same shapes and compiles once."""
+  `config.sample_micro_batch` prompts (0 = all in one call), from `params` on the rollout layout (`rollout_params`).
+  Each call stops when its own rows have finished and sheds finished rows as it goes (`decode.Schedule`); every
+  call has the same shapes and compiles once."""
   cfg, G = rs.config, rs.config.group_size
-  key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-  rows = lambda x: distributed.global_rows(x, rs.mesh, rs.rules)  # noqa: E731
+  rows = lambda x: distributed.global_rows(x, rs.rollout.mesh, rs.rollout.rules)  # noqa: E731
   n = len(batch["prompt_ids"])
   m = int(cfg.sample_micro_batch) or n
   outs = []
-  with sharding.use_mesh(rs.mesh, rs.rules):
+  with sharding.use_mesh(rs.rollout.mesh, rs.rollout.rules):  # (inside the training mesh's context too)
+    key = jax.random.fold_in(jax.random.key(cfg.seed), step)
     for i in range(0, n, m):
       outs.append(sampling.sample(
           rs.teacher_config, params, rows(batch["prompt_ids"][i:i + m]), rows(batch["prompt_mask"][i:i + m]),
@@ -102,15 +109,16 @@ def sample_step(rs: run_setup.RunSetup, params, batch: dict, step: int) -> list:
 def rollout(rs: run_setup.RunSetup, params, batch: dict, step: int):
   """Samples G completions per prompt and lays out the teacher and student sequences (host NumPy, all rows of the
   global batch on every process)."""
-  return finish_rollout(rs, batch, sample_step(rs, params, batch, step))
+  return finish_rollout(rs, batch, sample_step(rs, rollout_params(rs, params), batch, step))
 
 
 def finish_rollout(rs: run_setup.RunSetup, batch: dict, outs: list):
   """The host half of a rollout: sampled ids → student examples and the teacher/student arrays of the step."""
   cfg, G = rs.config, rs.config.group_size
   # The sampled ids are small: every process takes all of them (an all-gather when they span processes).
-  parts = distributed.to_host([(o.tokens, o.lengths, o.logprobs) for o in outs])
+  parts = distributed.to_host([(o.tokens, o.lengths, o.logprobs, o.row_steps) for o in outs])
   tokens, lengths, sample_logp = (np.concatenate([p[j] for p in parts]) for j in range(3))
+  row_steps = sum(float(p[3]) for p in parts)  # rows the decode loops computed (live or not), over all calls
   rep = lambda xs: [x for x in xs for _ in range(G)]  # noqa: E731  rows b·G … b·G+G−1 belong to prompt b
   prompt_ids, prompt_mask = np.repeat(batch["prompt_ids"], G, 0), np.repeat(batch["prompt_mask"], G, 0)
   prompt_lens = prompt_mask.sum(1)
@@ -125,7 +133,7 @@ def finish_rollout(rs: run_setup.RunSetup, batch: dict, outs: list):
   teacher_expl = (np.arange(P + N)[None] >= P) & (np.arange(P + N)[None] < P + k)
   return dict(teacher_ids=np.concatenate([prompt_ids, tokens], 1).astype(np.int32),
               teacher_mask=np.concatenate([prompt_mask, completion_mask], 1), teacher_expl=teacher_expl,
-              student=student, lengths=lengths, examples=examples,
+              student=student, lengths=lengths, examples=examples, decode_row_steps=row_steps,
               sample_logp=np.concatenate([np.zeros((len(tokens), P), np.float32), sample_logp], 1))
 
 
@@ -162,6 +170,8 @@ def _summary_scalars(reward, rm: dict, upd: dict, ro: dict, advantages, max_new_
       "kl_to_ref": float(upd["kl_to_ref"]), "loss": float(upd["loss"]), "clip_fraction": float(upd["clip_fraction"]),
       "grad_norm": float(upd["grad_norm"]), "lr": float(upd["lr"]), "skipped": bool(upd["skipped"]),
       "completion_len_mean": float(ro["lengths"].mean()), "completion_len_max": int(ro["lengths"].max()),
+      # Share of the rows the decode loop computed that were still generating (1 = no work on finished rows).
+      "decode_live_fraction": float((ro["lengths"] - 1).sum()) / max(ro["decode_row_steps"], 1.0),
       "truncated_fraction": float(np.mean(~ro["student"]["matched"] & (ro["lengths"] >= max_new_tokens))),
   }
 
@@ -201,16 +211,16 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   last, pending = {}, None  # pending: the next step's batch and its sampling, dispatched before this step's update
   for step in range(start, cfg.steps):
     t0 = time.perf_counter()
-    # Sampling and the reward read the params in the compute dtype: one cast a step, sharded as the params are.
-    serving = precision.compute_copy(state["params"], cfg.dtype)
     off_policy = pending is not None  # sampled from the params before the last update
     if off_policy:
       batch, sampled = pending
     else:
       batch = distributed.gather_rows(next(it))  # one process: its batch as it is
-      sampled = sample_step(rs, serving, batch, step)
+      sampled = sample_step(rs, rollout_params(rs, state["params"]), batch, step)  # the copy is freed once done
     ro = finish_rollout(rs, batch, sampled)
     t1 = time.perf_counter()
+    # The reward reads the params in the compute dtype: one cast a step, sharded as the params are.
+    serving = precision.compute_copy(state["params"], cfg.dtype)
     dev, (reward, rm, teacher_logp) = rollout_rewards(rs, serving, ro)
     with sharding.use_mesh(rs.mesh, rs.rules):
       advantages = grpo.group_advantages(reward, cfg.group_size, eps=rs.grpo_config.advantage_eps,
@@ -226,7 +236,7 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
       data_state, pending = it.get_state(), None
       if cfg.overlap and step + 1 < cfg.steps:  # sample step k+1 from θ_k while θ_k → θ_k+1 is computed
         next_batch = distributed.gather_rows(next(it))
-        pending = (next_batch, sample_step(rs, serving, next_batch, step + 1))
+        pending = (next_batch, sample_step(rs, rollout_params(rs, state["params"]), next_batch, step + 1))
       del serving  # not needed by the update: its memory is free for it (a pending sampler call keeps its own)
       state, upd = train_step(state, {"ids": dev["teacher_ids"], "mask": dev["teacher_mask"],
                                       "old_logp": old_logp, "advantages": advantages})

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, SHARED, tiny_module_config
-from rlt_jax import checkpoint, grpo, plan, precision, rewards, run_setup, sampling, sft, train
+from rlt_jax import checkpoint, grpo, plan, precision, rewards, run_setup, sampling, sft, sharding, train
 from rlt_jax.models import qwen2
 from rlt_jax.models.config import ModelConfig
 
@@ -83,6 +83,12 @@ def test_resident_bytes_are_the_real_shards(mesh, dtypes):
     assert p["params_bytes"] == 2 * p["compute_params_bytes"] and jax.tree.leaves(opt_state)[1].dtype == jnp.float32
   if mesh["tensor"] == 4:
     assert any("num_kv_heads=2" in n for n in p["notes"])
+  # The rollout copy, as train.rollout_params makes it: the compute-dtype params on the (data, 1, tensor) mesh.
+  rmesh = sharding.rollout_mesh(m, sharding.rollout_tensor(m, teacher.num_heads, teacher.num_kv_heads))
+  assert dict(rmesh.shape) == p["rollout_mesh"]
+  rollout = precision.compute_copy(params, dtype, sharding.tree_shardings(qwen2.param_logical_axes(teacher), params,
+                                                                          rmesh, sharding.ROLLOUT_RULES))
+  assert p["rollout_params_bytes"] == on_device0(rollout) > 0
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])

@@ -5,6 +5,9 @@
 - temperature: a chi-square test of 4,096 draws against softmax(logits / T) from the transformers logits;
 - top-k / top-p: every emitted token lies in the set computed in NumPy from teacher-forced logits;
 - sharding: greedy output on 8 fake devices ((8,1,1) and (2,2,2) meshes) equals the single-device output.
+- schedule: shedding finished rows and unwritten cache slots (decode.Schedule) gives the whole loop's tokens and
+  log-probs exactly, on 1 and 8 devices, while computing fewer rows and reading fewer slots (its own counters), and
+  the slots a call reads do not grow with max_new_tokens.
 - decode speed: XLA's compiled decode loop transposes no KV cache on any step.
 """
 import re
@@ -16,8 +19,10 @@ import pytest
 import scipy.stats
 import torch
 
+import hlo_text
 from hf_models import hf_logits, make_hf_model
 from rlt_jax import checkpoint, sampling, sharding
+from rlt_jax.decode import WHOLE, Schedule
 from rlt_jax.models import qwen2
 from rlt_jax.models.config import ModelConfig
 
@@ -192,8 +197,10 @@ def test_sharded_greedy_equals_single_device(tiny):
 
 def test_kv_cache_size_and_dtype(qwen_dir):
   config = ModelConfig.from_hf(qwen_dir, dtype="bfloat16", param_dtype="bfloat16")
-  # Qwen2.5-0.5B: 24 layers × 2 kv heads × 64 dims × (k, v) × 2 bytes = 12 KiB per token slot.
-  assert sampling.kv_cache_bytes(config, 16, 1000, 1001, 64) == 12288 * (16 * 1000 + 16 * 64 * 1000)
+  # Qwen2.5-0.5B: 24 layers × 2 kv heads × 64 dims × (k, v) × 2 bytes = 12 KiB per token slot. The 1,000 generation
+  # slots are allocated as whole 256-slot windows (1,024); without windows, exactly 1,000.
+  assert sampling.kv_cache_bytes(config, 16, 1000, 1001, 64) == 12288 * (16 * 1000 + 16 * 64 * 1024)
+  assert sampling.kv_cache_bytes(config, 16, 1000, 1001, 64, window=0) == 12288 * (16 * 1000 + 16 * 64 * 1000)
   tiny = config.replace(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=8)
   params = jax.eval_shape(lambda: qwen2.init_params(tiny, jax.random.key(0)))
@@ -225,23 +232,8 @@ def test_bad_input_gives_clear_error(tiny, change, message):
 def _loop_ops_of_shape(hlo: str, shapes) -> tuple[list[str], int]:
   """Copies and transposes (alone or inside a fusion) inside the while loops of compiled HLO text whose result has
   one of `shapes`, and how many loop instructions have one of `shapes` at all."""
-  comps, name = {}, None
-  for line in hlo.splitlines():
-    head = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
-    if head:
-      name = head.group(1)
-      comps[name] = []
-    elif name is not None and line.strip() and line != "}":
-      comps[name].append(line.strip())
-  calls = {c: set(re.findall(r"(?:calls|body|condition|to_apply)=%([\w.\-]+)", "\n".join(ls)))
-           for c, ls in comps.items()}
-  todo = [b for ls in comps.values() for line in ls for b in re.findall(r"\bbody=%([\w.\-]+)", line)]
-  loop = set()
-  while todo:
-    c = todo.pop()
-    if c not in loop:
-      loop.add(c)
-      todo.extend(calls.get(c, ()))
+  comps = hlo_text.computations(hlo)
+  loop = hlo_text.reachable(comps, hlo_text.while_bodies(comps))
   bad, seen = [], 0
   for c in loop:
     for line in comps[c]:
@@ -260,8 +252,9 @@ def _loop_ops_of_shape(hlo: str, shapes) -> tuple[list[str], int]:
 
 
 def test_decode_loop_moves_no_cache(tiny):
-  # What keeps the decode step fast on CPU (bench/sampling.py): no per-step transpose of a layer's prompt or
-  # generation cache (the oracle is XLA's own compiled program). Shapes are chosen so no other array matches them.
+  # What keeps the decode step fast on CPU (bench/sampling.py): no per-step transpose or copy of a layer's prompt or
+  # generation cache, nor of the whole caches (the oracle is XLA's own compiled program). Shapes are chosen so no
+  # other array matches them.
   _, config, params, _ = tiny
   B, P, T = 3, 5, 7
   K, E = config.num_kv_heads, config.head_dim
@@ -272,7 +265,60 @@ def test_decode_loop_moves_no_cache(tiny):
       jnp.int32(0), max_new_tokens=T, num_samples=1, greedy=True, top_k=None, use_top_p=False).compile()
   hlo = compiled.as_text()
   assert "while" in hlo, "premise: decode is one while loop"
-  shapes = {(B, K, T - 1, E), (B, T - 1, K, E), (B, K, P, E), (B, P, K, E)}
+  L = config.num_layers
+  # A layer's slices of both caches, in either layout, and the whole stacked caches as the loop keeps them ([L,
+  # devices, rows a device, K, slots, E]): XLA once copied those in and out of the layer loop on every step.
+  shapes = {(B, K, T - 1, E), (B, T - 1, K, E), (B, K, P, E), (B, P, K, E), (L, 1, B, K, T - 1, E),
+            (L, 1, B, K, P, E)}
   bad, seen = _loop_ops_of_shape(hlo, shapes)
   assert seen > 0, "premise: the loop body was found and handles the caches"
   assert bad == [], "\n".join(bad)
+
+
+# Small enough that 16 rows of 64 tokens go through every stage: on 2x1x4 (rows over 2 devices, 2 prompts each) the
+# slots of each prompt are halved down to 1, then the prompts themselves.
+SHED = Schedule(window=4, buckets=4, min_rows=2)
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (8, 1, 1), (2, 1, 4)], ids=["1-device", "8x1x1", "2x1x4"])
+def test_schedule_sheds_work_and_changes_no_result(tiny, mesh_shape):
+  _, config, params, path = tiny
+  P, M, T = 10, 4, 64
+  ids, mask = left_padded([10, 3, 7, 5], P, seed=0)
+  kw = dict(max_new_tokens=T, temperature=1.0, num_samples=M, eos_ids=(3, 9, 17, 33))
+  whole = sampling.sample(config, params, ids, mask, jax.random.key(0), schedule=WHOLE, **kw)
+  lengths = np.asarray(whole.lengths)
+  assert lengths.min() < 8 and lengths.max() == T and (lengths < 32).sum() >= 8, f"premise: spread {lengths}"
+  if mesh_shape is None:
+    out = sampling.sample(config, params, ids, mask, jax.random.key(0), schedule=SHED, **kw)
+  else:
+    mesh = sharding.make_mesh(mesh_shape)
+    _, sharded = checkpoint.load_hf(path, mesh=mesh)
+    with sharding.use_mesh(mesh):
+      out = sampling.sample(config, sharded, ids, mask, jax.random.key(0), schedule=SHED, **kw)
+  for field in ("tokens", "lengths", "finished"):
+    np.testing.assert_array_equal(np.asarray(getattr(out, field)), np.asarray(getattr(whole, field)), err_msg=field)
+  np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(whole.logprobs), atol=1e-5)
+  # The log-probs are still those of a teacher-forced forward of the finished sequences.
+  expected, _ = teacher_forced_logprobs(config, params, ids, mask, out, M, 1.0)
+  np.testing.assert_allclose(np.asarray(out.logprobs), expected, atol=2e-4)
+  # The whole loop computes all 16 rows for 63 steps and reads all 63 slots; shedding computes fewer rows (but every
+  # live one) and reads a window that follows the furthest row.
+  R = len(lengths)
+  assert float(whole.row_steps) == R * (T - 1) and float(whole.slots_read) == R * (T - 1) * (T - 1)
+  assert (lengths - 1).sum() <= float(out.row_steps) < 0.75 * float(whole.row_steps)
+  assert float(out.slots_read) < 0.4 * float(whole.slots_read)
+
+
+def test_decode_reads_follow_the_tokens_written_not_the_budget(tiny):
+  _, config, params, _ = tiny
+  ids, mask = left_padded([10, 3, 7, 5], 10, seed=2)
+  kw = dict(temperature=1.0, num_samples=4, eos_ids=tuple(range(3, 19)))  # 16 of 128 ids: rows stop early
+  out = {T: sampling.sample(config, params, ids, mask, jax.random.key(1), max_new_tokens=T,
+                            schedule=Schedule(window=8), **kw) for T in (64, 512)}
+  assert np.asarray(out[64].finished).all(), "premise: every row stops within 64 tokens"
+  np.testing.assert_array_equal(np.asarray(out[512].tokens)[:, :64], np.asarray(out[64].tokens))
+  assert float(out[512].slots_read) == float(out[64].slots_read)  # the same windows, whatever the budget
+  assert float(out[512].row_steps) == float(out[64].row_steps)
+  whole = sampling.sample(config, params, ids, mask, jax.random.key(1), max_new_tokens=512, schedule=WHOLE, **kw)
+  assert float(whole.slots_read) > 8 * float(out[512].slots_read)  # the whole loop reads all 511 slots a step

@@ -35,10 +35,12 @@ def test_one_step_writes_metrics_completions_and_tensorboard(assets, tmp_path):
   (row,) = metrics_rows(tmp_path)
   for key in ("step", "reward_mean", "reward_std", "r_ss", "solution_logp_min", "r_kl", "kl_max", "match_rate",
               "advantage_std", "kl_to_ref", "completion_len_mean", "completion_len_max", "truncated_fraction",
-              "clip_fraction", "grad_norm", "lr", "tokens_per_s", "time_sample", "time_reward", "time_update"):
+              "clip_fraction", "grad_norm", "lr", "tokens_per_s", "time_sample", "time_reward", "time_update",
+              "decode_live_fraction"):
     assert key in row, key
   assert row["step"] == 1 and np.isfinite(row["reward_mean"]) and row["reward_mean"] == last["reward_mean"]
   assert row["lr"] == pytest.approx(cfg.grpo.learning_rate)
+  assert 0 < row["decode_live_fraction"] <= 1
   assert len(row["rows"]) == 2 and all(":" in r for r in row["rows"])  # 8 completions = 2 prompts × 4
   completions = [json.loads(line) for line in open(tmp_path / "completions.jsonl")]
   assert len(completions) == 8 and {"explanation", "reward", "r_ss", "r_kl", "matched"} <= set(completions[0])
