@@ -17,7 +17,7 @@ def get_config():
   c = config_file("rlt_qwen2.5_7b.py", relative_to=__file__)
   c.workdir = "runs/rlt_qwen2.5_7b_4x8xh100"
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 4, 8, 1
-  c.sample_micro_batch = 8     # prompts (× 64 samples) per sampler call: 512 rows, 16 a GPU
+  c.sample_micro_batch = 8     # prompts (× 64 samples) per sampler call: 512 rows, 64 a 4-GPU tensor group
   c.reward_micro_batch = 128   # rows per reward part: 4 a GPU
   c.grpo.micro_batches = 32    # update parts of 32 rows: 1 a GPU
   return c

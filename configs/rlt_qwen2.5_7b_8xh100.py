@@ -16,7 +16,7 @@ def get_config():
   c = config_file("rlt_qwen2.5_7b.py", relative_to=__file__)
   c.workdir = "runs/rlt_qwen2.5_7b_8xh100"
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
-  c.sample_micro_batch = 4     # prompts (× 64 samples) per sampler call: 256 rows, 32 a GPU
+  c.sample_micro_batch = 4     # prompts (× 64 samples) per sampler call: 256 rows, 128 a 4-GPU tensor group
   c.reward_micro_batch = 64    # rows per reward part: 8 a GPU
   c.grpo.micro_batches = 128   # update parts of 8 rows: 1 a GPU
   return c

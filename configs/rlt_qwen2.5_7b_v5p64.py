@@ -16,7 +16,7 @@ def get_config():
   c = config_file("rlt_qwen2.5_7b.py", relative_to=__file__)
   c.workdir = "runs/rlt_qwen2.5_7b_v5p64"
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 32, 1
-  c.sample_micro_batch = 16    # the step's 16 prompts (× 64 samples) in one sampler call: 1,024 rows, 32 a chip
+  c.sample_micro_batch = 16    # the step's 16 prompts (× 64 samples) in one call: 1,024 rows, 128 a 4-chip group
   c.reward_micro_batch = 256   # rows per reward part: 8 a chip
   c.grpo.micro_batches = 32    # update parts of 32 rows: 1 a chip
   return c

@@ -144,7 +144,8 @@ def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, devi
   resident_total = sum(resident.values()) + 8  # + step counters
   rows = memory.local("batch", cfg.batch_size, mesh, rules)
   samp = memory.sample_bytes(memory.dims(served, rmesh, rrules), memory.local("batch", prompts, rmesh, rrules),
-                             memory.local("batch", prompts * G, rmesh, rrules), P, N, block)
+                             memory.local("batch", prompts * G, rmesh, rrules), P, N, block,
+                             window=int(cfg.decode.window))
   fw_rows = memory.local("batch", reward_rows, mesh, rules)  # one reward micro-batch's rows on a device
   t_fw, s_fw = memory.forward_bytes(td, fw_rows, P + N, block, chunk), memory.forward_bytes(sd, fw_rows, S, block, chunk)
   reward_inputs = rows * ((P + N) * 6 + S * 7 + 1)  # int32 ids, bool masks

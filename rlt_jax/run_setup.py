@@ -13,7 +13,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlt_jax import checkpoint, data, distributed, formats, grpo, memory, precision, rewards, sharding, tiny
+from rlt_jax import checkpoint, data, decode, distributed, formats, grpo, memory, precision, rewards, sharding, \
+    tiny
 from rlt_jax.models import qwen2
 from rlt_jax.models.config import ModelConfig
 
@@ -60,6 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.logprob_chunk_size = 512
   c.sample_micro_batch = 0   # prompts per sampler call (0 = the step's prompts in one call); see rlt_jax.plan
   c.reward_micro_batch = 0   # rows per reward part inside the reward call (0 = all at once)
+  c.decode = ml_collections.ConfigDict(decode.Schedule()._asdict())  # how decode sheds work (rlt_jax.decode.Schedule)
   c.overlap = False          # sample step k+1 from θ_k while the update θ_k → θ_k+1 runs (one step off-policy)
   c.checkpoint_every = 25
   c.keep_checkpoints = 3
@@ -168,6 +170,9 @@ def validate(cfg, *, training: bool = True) -> tuple[grpo.GRPOConfig, rewards.Re
   _field("sharding_rules", sharding.normalize_rules, cfg.sharding_rules or sharding.DEFAULT_RULES)
   _field("rollout_rules", sharding.normalize_rules, cfg.rollout_rules or sharding.ROLLOUT_RULES)
   need(int(cfg.rollout_tensor) >= 0, "rollout_tensor", "must be >= 0 (0 = chosen from the heads and devices)")
+  need(int(cfg.decode.window) >= 0, "decode.window", "must be >= 0 (0 = every step reads every cache slot)")
+  need(int(cfg.decode.buckets) >= 1, "decode.buckets", "must be >= 1 (1 = no packing of finished rows)")
+  need(int(cfg.decode.min_rows) >= 1, "decode.min_rows", "must be >= 1")
   return g, r
 
 
@@ -265,6 +270,8 @@ def setup(cfg, workdir: str, *, before_loading=None, training: bool = True) -> R
   tokenizer = checkpoint.load_tokenizer(tok_path)
   fmt = make_format(cfg, tokenizer)
   mesh, rules = make_mesh(cfg)
+  if cfg.rollout_tensor:  # a size that cannot fit stops the run before any weights load
+    _field("rollout_tensor", sharding.rollout_tensor, mesh, 1, 1, int(cfg.rollout_tensor))
   if before_loading is not None:
     before_loading(cfg, mesh)
   model_kw = dict(dtype=cfg.dtype, remat=cfg.remat)

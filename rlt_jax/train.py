@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlt_jax import checkpoint, data, distributed, grpo, metrics, precision, preflight, rewards, run_setup, sampling, \
-    sharding
+from rlt_jax import checkpoint, data, decode, distributed, grpo, metrics, precision, preflight, rewards, run_setup, \
+    sampling, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +79,10 @@ def _train_step(sc: StepConfig, optimizer, state, batch):
   return new_state, m
 
 
+def decode_schedule(cfg) -> decode.Schedule:
+  return decode.Schedule(**{k: int(v) for k, v in cfg.decode.items()})
+
+
 def rollout_params(rs: run_setup.RunSetup, params):
   """The params laid out for sampling (`run_setup.Rollout`): cast to the compute dtype and moved to the rollout
   mesh in one program, once a step; `params` itself when that layout and dtype are already theirs."""
@@ -102,7 +106,7 @@ def sample_step(rs: run_setup.RunSetup, params, batch: dict, step: int) -> list:
           rs.teacher_config, params, rows(batch["prompt_ids"][i:i + m]), rows(batch["prompt_mask"][i:i + m]),
           key if m == n else jax.random.fold_in(key, i // m), max_new_tokens=cfg.max_new_tokens,
           temperature=cfg.temperature, top_p=cfg.top_p if cfg.top_p < 1 else None, eos_ids=rs.eos_ids,
-          num_samples=G, pad_id=rs.fmt.pad_id))
+          num_samples=G, pad_id=rs.fmt.pad_id, schedule=decode_schedule(cfg)))
   return outs
 
 

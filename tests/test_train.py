@@ -144,6 +144,8 @@ def test_micro_batched_sampling_and_reward_equal_one_call(assets, tmp_path):
     (dict(reward_micro_batch=3), r"config.reward_micro_batch=3: must be 0 or divide config.batch_size=8"),
     ({"data.path": "/no/such.jsonl"}, r"^config.data.path='/no/such.jsonl': cannot be read: no such data file"),
     (dict(export_dtype="fp8"), r"config.export_dtype='fp8': must be one of"),
+    ({"decode.buckets": 0}, r"config.decode.buckets=0: must be >= 1"),
+    (dict(rollout_tensor=3), r"config.rollout_tensor: rollout tensor size 3 does not divide the mesh's 8 devices"),
 ])
 def test_bad_config_fails_at_start_naming_the_field(assets, tmp_path, overrides, message):
   with pytest.raises(run_setup.ConfigError, match=message):
