@@ -21,7 +21,9 @@ slice of one), so it moves no data between devices. The sampled token of a row d
 the schedule changes no result: it is the same computation on fewer rows and fewer slots.
 
 Cost of one decode step (bytes read; the attention reads what the windows and buckets leave):
-  weights + rows_j · (L · 2 · K · E · itemsize) · (w + P / M_j) ,   w ≤ 2·t, rows_j ≤ 2·live rows.
+  weights + rows_j · (L · 2 · K · E · itemsize) · (w + P / M_j) ,   w < max(2·t, first window),
+with t the furthest position of a live row and rows_j (M_j a prompt) the current bucket, halved each time every
+prompt's live rows fit in half its slots.
 KV cache (compute dtype): 2 · L · K · E · itemsize · (B·P + R·S_alloc), S_alloc = S rounded up to the first window.
 
 Shapes: B prompts, M samples per prompt, R = B·M rows, P prompt length, T `max_new_tokens`, S generation slots,
