@@ -58,16 +58,14 @@ CHIPS = {  # one JAX device = one chip (a TPU v4/v5p chip's two TensorCores are 
     "h200": Chip(143771 * MiB, "H200 141GB: 143,771 MiB (140.4 GiB) as nvidia-smi reports it", 8),
 }
 
+CHIP_NAMES = tuple(CHIPS)
+
 
 def rollout_mesh_sizes(config: ModelConfig, mesh_sizes: dict, host_devices: int, requested: int = 0) -> dict:
-  """The (data, 1, tensor) mesh `sharding.rollout_mesh` makes of these devices, tensor as `sharding.rollout_tensor`
-  picks it for hosts of `host_devices` devices (or `requested`)."""
+  """The (data, 1, tensor) mesh `sharding.rollout_mesh` makes of these devices, for hosts of `host_devices`."""
   n = math.prod(mesh_sizes.values())
-  local = math.gcd(n, host_devices)
-  t = requested or max(t for t in range(1, local + 1) if local % t == 0 and config.num_heads % t == 0
-                       and config.num_kv_heads % t == 0)
+  t = sharding.rollout_tensor_size(n, host_devices, config.num_heads, config.num_kv_heads, requested)
   return dict(data=n // t, fsdp=1, tensor=t)
-CHIP_NAMES = tuple(CHIPS)
 
 
 def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:

@@ -131,7 +131,8 @@ def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, devi
   sd, ud = (memory.dims(c, mesh, rules) for c in (student, teacher))
   td = memory.dims(served, mesh, rules)
   # Sampling runs on the rollout layout: the compute copy again, on a (data, 1, tensor) mesh of the same devices.
-  rollout_sizes = memory.rollout_mesh_sizes(teacher, mesh_sizes, host_devices, int(cfg.rollout_tensor))
+  rollout_sizes = run_setup._field("rollout_tensor", memory.rollout_mesh_sizes, teacher, mesh_sizes, host_devices,
+                                   int(cfg.rollout_tensor))
   rmesh = memory.abstract_mesh(rollout_sizes)
   rrules = sharding.normalize_rules(cfg.rollout_rules or sharding.ROLLOUT_RULES)
   same = teacher.param_dtype == teacher.dtype and math.prod(mesh_sizes.values()) == 1  # the params themselves
@@ -143,7 +144,8 @@ def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, devi
                 rollout=0 if same else memory.params_device_bytes(served, rmesh, rrules))
   resident_total = sum(resident.values()) + 8  # + step counters
   rows = memory.local("batch", cfg.batch_size, mesh, rules)
-  samp = memory.sample_bytes(memory.dims(served, rmesh, rrules), memory.local("batch", prompts, rmesh, rrules),
+  rd = memory.dims(served, rmesh, rrules)  # what one device of the rollout mesh holds of the sampled model
+  samp = memory.sample_bytes(rd, memory.local("batch", prompts, rmesh, rrules),
                              memory.local("batch", prompts * G, rmesh, rrules), P, N, block,
                              window=int(cfg.decode.window))
   fw_rows = memory.local("batch", reward_rows, mesh, rules)  # one reward micro-batch's rows on a device
@@ -180,8 +182,7 @@ def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, devi
     p["total"] = resident_total + held[name] + p["inputs"] + p["temp"]
   peak = max(phases, key=lambda k: phases[k]["total"])
   total = phases[peak]["total"]
-  notes = _notes(cfg, teacher, td, memory.dims(served, rmesh, rrules), mesh_sizes, rollout_sizes, prompts, mb_rows,
-                 g.micro_batches)
+  notes = _notes(cfg, teacher, td, rd, mesh_sizes, rollout_sizes, prompts, mb_rows, g.micro_batches)
   if peak == "reward" and reward_rows == cfg.batch_size:
     notes.append(f"the reward scores all {cfg.batch_size} rows of a step at once ({rows} a device); set "
                  "config.reward_micro_batch to score them in parts")

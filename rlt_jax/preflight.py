@@ -87,9 +87,8 @@ def check(cfg, mesh, *, kind: str = "rl"):
   else:
     teacher, student, _ = plan.model_configs(cfg)
     block = qwen2.attention_block_size(teacher)
-    host = mesh.devices.size // len({d.process_index for d in mesh.devices.flat})  # devices a process holds
     plan_of = lambda c: plan.plan(c, teacher, student, sizes, device_bytes, usable=usable,  # noqa: E731
-                                  attention_block=block, host_devices=host)
+                                  attention_block=block, host_devices=sharding.host_devices(mesh))
   p = plan_of(cfg)
   gib = lambda b: f"{b / GiB:.2f} GiB" if b >= GiB / 100 else f"{b / MiB:.1f} MiB"  # noqa: E731
   where = f"{p['devices']} x {chip} (mesh {' '.join(f'{a}={sizes[a]}' for a in sharding.MESH_AXES)})"

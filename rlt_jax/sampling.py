@@ -38,7 +38,7 @@ def sample(config: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new
   schedule: how the decode loop sheds finished rows and unwritten cache slots (`decode.Schedule`); it changes the
     cost, never the tokens (`decode.WHOLE` is the loop without either).
   Under `sharding.use_mesh`, rows are sharded over the "batch" rule and heads over tensor, with params as
-  `checkpoint.load_hf(..., mesh=...)` or `rollout.copy` place them.
+  `checkpoint.load_hf(..., mesh=...)` or `train.rollout_params` place them.
   """
   max_new_tokens, num_samples = _check_int("max_new_tokens", max_new_tokens), _check_int("num_samples", num_samples)
   temperature = float(temperature)

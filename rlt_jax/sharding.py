@@ -190,16 +190,25 @@ def shard_count(name: str, size: int) -> int:
   return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
 
 
-def rollout_tensor(mesh: Mesh, num_heads: int, num_kv_heads: int, requested: int = 0) -> int:
+def rollout_tensor_size(devices: int, host_devices: int, num_heads: int, num_kv_heads: int, requested: int = 0) -> int:
   """Devices one rollout copy is split over: `requested`, or (0) the most that divide the query and kv heads and the
-  devices a process holds, so that a tensor group never spans hosts."""
-  n = mesh.devices.size
+  devices of one host, so that a tensor group never spans hosts."""
   if requested:
-    if n % requested:
-      raise ValueError(f"rollout tensor size {requested} does not divide the mesh's {n} devices")
+    if devices % requested:
+      raise ValueError(f"rollout tensor size {requested} does not divide the mesh's {devices} devices")
     return requested
-  local = n // len({d.process_index for d in mesh.devices.flat})
+  local = math.gcd(devices, host_devices)
   return max(t for t in range(1, local + 1) if local % t == 0 and num_heads % t == 0 and num_kv_heads % t == 0)
+
+
+def host_devices(mesh: Mesh) -> int:
+  """Devices of the mesh that one process holds."""
+  return mesh.devices.size // len({d.process_index for d in mesh.devices.flat})
+
+
+def rollout_tensor(mesh: Mesh, num_heads: int, num_kv_heads: int, requested: int = 0) -> int:
+  """`rollout_tensor_size` for this mesh, one process's devices being a host."""
+  return rollout_tensor_size(mesh.devices.size, host_devices(mesh), num_heads, num_kv_heads, requested)
 
 
 def rollout_mesh(mesh: Mesh, tensor: int) -> Mesh:
