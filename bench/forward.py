@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 from common import best_of, matmul_peak_flops, torch_threads  # noqa: E402
 from hf_models import make_hf_model  # noqa: E402
-from rlt_jax import checkpoint, models  # noqa: E402
+from rlt_jax import hf_checkpoint, models  # noqa: E402
 
 
 def main():
@@ -29,7 +29,7 @@ def main():
   shape = dict(vocab=4096, hidden=256, layers=4, heads=8, kv_heads=2, inter=768)
   with tempfile.TemporaryDirectory() as d:
     hf = make_hf_model(d, std=0.02, **shape)
-    config, params = checkpoint.load_hf(d)
+    config, params = hf_checkpoint.load_hf(d)
   ids = np.random.RandomState(0).randint(0, shape["vocab"], (args.batch, args.length))
   mask = np.ones_like(ids)
   fwd = jax.jit(models.forward, static_argnums=0)

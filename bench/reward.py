@@ -194,20 +194,20 @@ def main():
   import json
   import subprocess
   import jax
-  from rlt_jax import checkpoint, rewards
+  from rlt_jax import hf_checkpoint, rewards
 
   root = tempfile.mkdtemp(prefix="rlt_reward_bench_")
   make_models(root, args.vocab, args.hidden, args.layers)
-  (tc, tp), (sc, sp) = (checkpoint.load_hf(os.path.join(root, n)) for n in ("teacher", "student"))
+  (tc, tp), (sc, sp) = (hf_checkpoint.load_hf(os.path.join(root, n)) for n in ("teacher", "student"))
   a, matched = make_batch(args.batch, args.seq, args.vocab)
   cmd = [sys.executable, os.path.abspath(__file__), "--peer-worker", root] + [
       f"--{k}={getattr(args, k)}" for k in ("batch", "seq", "vocab", "threads")]
   worker = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
   def ours():
-    out = rewards.rlt_rewards(tc, tp, sc, sp, a["teacher_ids"], a["teacher_attention_mask"],
-                              a["teacher_explanation_mask"], a["student_ids"], a["student_attention_mask"],
-                              a["student_explanation_mask"], a["solution_mask"], matched)
+    out = rewards.rlt_rewards(tc, tp, sc, sp, rewards.RewardBatch(
+        a["teacher_ids"], a["teacher_attention_mask"], a["teacher_explanation_mask"], a["student_ids"],
+        a["student_attention_mask"], a["student_explanation_mask"], a["solution_mask"], matched))
     return np.asarray(jax.block_until_ready(out[0]))
 
   def peer_round():

@@ -1,4 +1,4 @@
-"""Peak memory of `rewards.token_logprobs` vs the naive full-logits computation at long context.
+"""Peak memory of `logprobs.token_logprobs` vs the naive full-logits computation at long context.
 
 A narrow Qwen2 (hidden 64, 1 head, vocab 151,936, untied head: the vocabulary side of Qwen2.5) on one sequence of
 T = 16,384 tokens at temperature 0.7:
@@ -33,15 +33,14 @@ MIB = 2**20
 def setup(args, layers):
   import jax
   import jax.numpy as jnp
-  from rlt_jax import rewards
-  from rlt_jax.models import qwen2
+  from rlt_jax.models import logprobs, qwen2
   from rlt_jax.models.config import ModelConfig
 
   cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                     num_layers=layers, num_heads=1, num_kv_heads=1, head_dim=args.hidden)
 
   def ours(params, ids, mask):
-    return rewards.token_logprobs(cfg, params, ids, mask, temperature=0.7, chunk_size=args.chunk)
+    return logprobs.token_logprobs(cfg, params, ids, mask, temperature=0.7, chunk_size=args.chunk)
 
   def peer(params, ids, mask):
     logits = qwen2.forward(cfg, params, ids, mask) / 0.7

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from common import best_of, matmul_peak_flops, torch_threads  # noqa: E402
 from hf_models import make_hf_model  # noqa: E402
-from rlt_jax import checkpoint, sampling  # noqa: E402
+from rlt_jax import hf_checkpoint, sampling  # noqa: E402
 from rlt_jax.decode import WHOLE, Schedule  # noqa: E402
 
 SHAPE = dict(vocab=1024, hidden=256, layers=4, heads=8, kv_heads=2, inter=768)
@@ -196,7 +196,7 @@ def main():
   print(f"model {shape} (random, std 0.02), fp32, torch threads {torch.get_num_threads()}")
   with tempfile.TemporaryDirectory() as d:
     hf = make_hf_model(d, std=0.02, **shape)
-    config, params = checkpoint.load_hf(d)
+    config, params = hf_checkpoint.load_hf(d)
     if args.capacity:
       capacity(args, config, params)
     elif args.spread:

@@ -14,7 +14,7 @@ their own files, with the mesh and micro-batches sized for them by `python -m rl
 configs/rlt_qwen2.5_7b_8xh100.py, configs/rlt_qwen2.5_7b_4x8xh100.py, configs/rlt_qwen2.5_7b_v5p64.py. Elsewhere the
 preflight plans the run for your devices before loading weights and names the fields to change if it does not fit.
 """
-from rlt_jax.run_setup import default_config
+from rlt_jax.run_config import default_config
 
 
 def get_config():

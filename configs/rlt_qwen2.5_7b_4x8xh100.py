@@ -10,7 +10,7 @@ parallel across the 4 nodes (data=4), so weights are all-gathered inside a node 
 over all 32 GPUs. Sized with `python -m rlt_jax.plan --config configs/rlt_qwen2.5_7b_4x8xh100.py --chip h100
 --mesh data=4,fsdp=8,tensor=1`; the README's "Running the 7B recipe" has its table.
 """
-from rlt_jax.run_setup import config_file
+from rlt_jax.run_config import config_file
 
 
 def get_config():

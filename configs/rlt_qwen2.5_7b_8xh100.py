@@ -9,7 +9,7 @@ FSDP over the 8 GPUs (NVLink). Sized with
 README's "Running the 7B recipe" has its table. (JAX on GPU takes 75% of each GPU unless
 XLA_PYTHON_CLIENT_MEM_FRACTION says more; the preflight plans against what the allocator really has.)
 """
-from rlt_jax.run_setup import config_file
+from rlt_jax.run_config import config_file
 
 
 def get_config():

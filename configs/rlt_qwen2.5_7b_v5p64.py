@@ -9,7 +9,7 @@ FSDP over all 32 chips (the slice's ICI torus links every chip). Sized with `pyt
 configs/rlt_qwen2.5_7b_v5p64.py --chip tpu-v5p --mesh data=1,fsdp=32,tensor=1`; the README's "Running the 7B recipe"
 has its table.
 """
-from rlt_jax.run_setup import config_file
+from rlt_jax.run_config import config_file
 
 
 def get_config():

@@ -3,7 +3,7 @@
   python -m rlt_jax.train --config configs/tiny.py --workdir runs/tiny
 """
 from rlt_jax import tiny
-from rlt_jax.run_setup import default_config
+from rlt_jax.run_config import default_config
 
 
 def get_config():

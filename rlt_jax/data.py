@@ -1,4 +1,4 @@
-"""Input pipeline on grain: row sources, bad-row accounting, bucketed fixed-shape batches, resumable iterators.
+"""Input pipeline on grain: bad-row accounting, bucketed fixed-shape batches, resumable iterators (over `sources`).
 
     ds = make_dataset(["train.jsonl"], fmt, kind="prompt", batch_size=16, buckets=(512, 1024), seed=0)
     it = iter(ds); batch = next(it); state = it.get_state()   # ... later: it = iter(ds); it.set_state(state)
@@ -10,19 +10,19 @@ dropped per process, so use num_epochs=None and a step count for multi-host trai
 has a next batch).
 
 Kinds (what one batch holds):
-  "prompt"       RL prompts: `prompt_ids`/`prompt_mask` [B, L] left-padded to a bucket, plus lists `question`,
+  "prompt"       RL prompts: `prompt_ids`/`prompt_mask` [B, T] left-padded to a bucket, plus lists `question`,
                  `solution`, `system` (the student prompt from the data, None = format default), `answer`, `where`.
   "teacher_sft"  teacher warm-up rows (explanation = `reasoning`, else the solution, as the official code does):
-                 `input_ids`, `loss_mask`, `attention_mask` [B, L] right-padded.
+                 `input_ids`, `loss_mask`, `attention_mask` [B, T] right-padded.
   "student_sft"  student distillation rows (thought = `reasoning`): same arrays.
-L is the smallest of `buckets` that holds the longest row of the batch, so jit sees at most len(buckets) shapes.
-SFT kinds also carry `segment_ids` (1 on a row's tokens, 0 on padding) and `positions` [B, L]. With
+T is the smallest of `buckets` that holds the longest row of the batch, so jit sees at most len(buckets) shapes.
+SFT kinds also carry `segment_ids` (1 on a row's tokens, 0 on padding) and `positions` [B, T]. With
 `truncate=True` an SFT row longer than the longest bucket is cut to it (as trl's SFTTrainer does) instead of
 skipped; a row left with nothing to train on (cut before its completion) is skipped as "no_target". With
 `pack=True` SFT rows are packed greedily, in stream order, into sequences of the longest bucket: `segment_ids`
 number the rows of a sequence 1, 2, ... and `positions` restart at 0 for each row (attention never crosses rows).
 
-Bad rows (formats.BAD_REASONS: missing/empty field, wrong type, over the longest bucket, broken JSON, undecodable
+Bad rows (rows.BAD_REASONS: missing/empty field, wrong type, over the longest bucket, broken JSON, undecodable
 bytes) are skipped, counted per reason in a RowStats and logged when an epoch ends; with strict=True the first one
 raises BadRowError naming file and line. The counts are part of the iterator state.
 """
@@ -30,18 +30,14 @@ from __future__ import annotations
 
 import collections
 import copy
-import dataclasses
-import json
 import logging
-import os
 import pathlib
 from collections.abc import Sequence
-from typing import Any
 
 import grain
 import numpy as np
 
-from rlt_jax import formats
+from rlt_jax import formats, rows, sources
 
 _log = logging.getLogger(__name__)
 SAMPLE_PATH = pathlib.Path(__file__).resolve().parent / "assets" / "gsm8k_sample.jsonl"
@@ -50,164 +46,6 @@ KINDS = ("prompt", "teacher_sft", "student_sft")
 
 class BadRowError(ValueError):
   """strict=True: a bad row, with file and line in the message."""
-
-
-# ---------------------------------------------------------------------------------------------------------- sources
-@dataclasses.dataclass(frozen=True)
-class RawRecord:
-  where: str    # "path:line" (1-based line) or "path[row i]" (0-based row)
-  payload: Any  # bytes (one JSON document) or a mapping
-
-
-class JsonlSource:
-  """One JSON object per line; lines are read on demand (only the newline offsets are kept in memory)."""
-
-  def __init__(self, path):
-    self.path = str(path)
-    data = np.fromfile(self.path, np.uint8)
-    nl = np.flatnonzero(data == ord("\n"))
-    starts = np.concatenate([[0], nl + 1])
-    ends = np.concatenate([nl, [len(data)]])
-    blank = np.array([not data[s:e].tobytes().strip() for s, e in zip(starts, ends)], bool) if len(data) else \
-        np.ones(1, bool)
-    keep = np.flatnonzero(~blank)  # blank lines (a final newline) are not rows
-    self._starts, self._ends, self._lines = starts[keep], ends[keep], keep + 1
-
-  def __len__(self):
-    return len(self._starts)
-
-  def __getitem__(self, i):
-    with open(self.path, "rb") as f:
-      f.seek(int(self._starts[i]))
-      line = f.read(int(self._ends[i] - self._starts[i]))
-    return RawRecord(f"{self.path}:{int(self._lines[i])}", line)
-
-
-class ParquetSource:
-  def __init__(self, path):
-    import pyarrow.parquet as pq
-    self.path = str(path)
-    self._table = pq.read_table(self.path)
-
-  def __len__(self):
-    return self._table.num_rows
-
-  def __getitem__(self, i):
-    return RawRecord(f"{self.path}[row {i}]", self._table.slice(i, 1).to_pylist()[0])
-
-
-class HFDiskSource:
-  """A Hugging Face `datasets` folder written by `save_to_disk` (a Dataset, or a DatasetDict with `split`)."""
-
-  def __init__(self, path, split: str | None = None):
-    import datasets
-    self.path = str(path)
-    ds = datasets.load_from_disk(self.path)
-    if isinstance(ds, datasets.DatasetDict):
-      split = split or ("train" if "train" in ds else None)  # what a Hugging Face script trains on by default
-      if split is None:
-        raise ValueError(f"data: {self.path} holds splits {sorted(ds)} and no 'train' split; pass split=")
-      ds = ds[split]
-    self._ds = ds
-
-  def __len__(self):
-    return len(self._ds)
-
-  def __getitem__(self, i):
-    return RawRecord(f"{self.path}[row {i}]", self._ds[int(i)])
-
-
-class TfdsSource:
-  """A TFDS dataset prepared in array_record format (`tfds.data_source`); text features arrive as bytes."""
-
-  def __init__(self, name: str, split: str, data_dir: str | None = None):
-    import tensorflow_datasets as tfds
-    self.label = f"tfds:{name}:{split}"
-    self._src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-
-  def __len__(self):
-    return len(self._src)
-
-  def __getitem__(self, i):
-    return RawRecord(f"{self.label}[row {i}]", self._src[int(i)])
-
-
-class ArrayRecordSource:
-  """A raw .array_record file whose records are JSON documents (bytes)."""
-
-  def __init__(self, path):
-    self.path = str(path)
-    self._src = grain.sources.ArrayRecordDataSource([self.path])
-
-  def __len__(self):
-    return len(self._src)
-
-  def __getitem__(self, i):
-    return RawRecord(f"{self.path}[row {i}]", self._src[int(i)])
-
-
-class ConcatSource:
-  def __init__(self, sources: Sequence[Any]):
-    self.sources = list(sources)
-    self._ends = np.cumsum([len(s) for s in self.sources])
-
-  def __len__(self):
-    return int(self._ends[-1]) if len(self._ends) else 0
-
-  def __getitem__(self, i):
-    k = int(np.searchsorted(self._ends, i, side="right"))
-    return self.sources[k][int(i - (self._ends[k - 1] if k else 0))]
-
-
-def open_source(spec, *, split: str | None = None, data_dir: str | None = None):
-  """A source from a path or spec: *.jsonl, *.parquet, *.array_record, a `save_to_disk` folder, "tfds:NAME:SPLIT"."""
-  if not isinstance(spec, (str, os.PathLike)):
-    return spec  # already a source (len + getitem → RawRecord)
-  s = str(spec)
-  if s.startswith("tfds:"):
-    parts = s.split(":")
-    if len(parts) != 3:
-      raise ValueError(f"data: TFDS spec must be tfds:NAME:SPLIT, got {s!r}")
-    return TfdsSource(parts[1], parts[2], data_dir)
-  p = pathlib.Path(s)
-  if p.is_dir():
-    if any((p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
-      return HFDiskSource(p, split)
-    raise ValueError(f"data: {p} is a folder but not a Hugging Face save_to_disk folder")
-  if not p.exists():
-    raise FileNotFoundError(f"data: no such data file {p}")
-  if p.suffix in (".jsonl", ".json"):
-    return JsonlSource(p)
-  if p.suffix == ".parquet":
-    return ParquetSource(p)
-  if ".array_record" in p.name:
-    return ArrayRecordSource(p)
-  raise ValueError(f"data: cannot tell the format of {p} (expected .jsonl, .parquet, .array_record, a folder)")
-
-
-def check_source(spec, *, data_dir: str | None = None) -> str | None:
-  """Why `spec` cannot be read (opening it as `make_dataset` will, without reading rows), or None when it can."""
-  try:
-    src = open_source(spec, data_dir=data_dir)
-    if len(src) == 0:
-      return "holds no rows"
-  except Exception as e:  # noqa: BLE001  every reader's own error, reported against the config field
-    return str(e).removeprefix("data: ") or type(e).__name__
-  return None
-
-
-def decode_payload(payload) -> Any:
-  """bytes → parsed JSON (raises BadRow undecodable / broken_json); mappings pass through."""
-  if isinstance(payload, (bytes, bytearray)):
-    try:
-      text = bytes(payload).decode("utf-8")
-    except UnicodeDecodeError as e:
-      raise formats.BadRow("undecodable", f"line is not UTF-8 ({e.reason} at byte {e.start})") from None
-    try:
-      return json.loads(text)
-    except json.JSONDecodeError as e:
-      raise formats.BadRow("broken_json", f"broken JSON ({e.msg} at column {e.colno})") from None
-  return payload
 
 
 # ---------------------------------------------------------------------------------------------------------- padding
@@ -219,26 +57,26 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
 
 
 def pad_left(seqs: Sequence[np.ndarray], buckets: Sequence[int], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Prompts for sampling: ids [B, L] right-aligned (padding on the left) and a bool mask; L is a bucket."""
-  L = pick_bucket(max(len(s) for s in seqs), buckets)
-  ids = np.full((len(seqs), L), pad_id, np.int32)
-  mask = np.zeros((len(seqs), L), bool)
+  """Prompts for sampling: ids [B, T] right-aligned (padding on the left) and a bool mask; T is a bucket."""
+  T = pick_bucket(max(len(s) for s in seqs), buckets)
+  ids = np.full((len(seqs), T), pad_id, np.int32)
+  mask = np.zeros((len(seqs), T), bool)
   for i, s in enumerate(seqs):
     if len(s):
-      ids[i, L - len(s):] = s
-      mask[i, L - len(s):] = True
+      ids[i, T - len(s):] = s
+      mask[i, T - len(s):] = True
   return ids, mask
 
 
 def pad_right(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
-  """Equal-length per-row arrays → [B, L] arrays padded on the right ("input_ids" with pad_id, others with 0/False);
+  """Equal-length per-row arrays → [B, T] arrays padded on the right ("input_ids" with pad_id, others with 0/False);
   adds "attention_mask"."""
-  L = pick_bucket(max(len(r["input_ids"]) for r in rows), buckets)
+  T = pick_bucket(max(len(r["input_ids"]) for r in rows), buckets)
   out = {}
   for k, v in rows[0].items():
     v = np.asarray(v)
-    out[k] = np.full((len(rows), L), pad_id if k == "input_ids" else 0, v.dtype)
-  out["attention_mask"] = np.zeros((len(rows), L), bool)
+    out[k] = np.full((len(rows), T), pad_id if k == "input_ids" else 0, v.dtype)
+  out["attention_mask"] = np.zeros((len(rows), T), bool)
   for i, r in enumerate(rows):
     n = len(r["input_ids"])
     for k, v in r.items():
@@ -248,7 +86,7 @@ def pad_right(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int], pad
 
 
 def collate_students(examples: Sequence[formats.StudentExample], buckets: Sequence[int], pad_id: int) -> dict:
-  """Student sequences for the reward: input_ids, explanation_mask, solution_mask, attention_mask [B, L];
+  """Student sequences for the reward: input_ids, explanation_mask, solution_mask, attention_mask [B, T];
   matched [B]."""
   out = pad_right([dict(input_ids=e.input_ids, explanation_mask=e.explanation_mask, solution_mask=e.solution_mask)
                    for e in examples], buckets, pad_id)
@@ -413,12 +251,12 @@ class _Encode:
     self.fmt, self.kind, self.reader, self.max_len, self.epoch_len = fmt, kind, reader, max_len, epoch_len
     self.truncate = truncate
 
-  def __call__(self, index: int, rec: RawRecord) -> dict:
+  def __call__(self, index: int, rec: sources.RawRecord) -> dict:
     out = {"epoch": index // self.epoch_len, "where": rec.where, "example": None, "bad": None}
     try:
-      row = formats.read_row(decode_payload(rec.payload), self.reader)
+      row = rows.read_row(sources.decode_payload(rec.payload), self.reader)
       out["example"] = self._encode(row, rec.where)
-    except formats.BadRow as e:
+    except rows.BadRow as e:
       out["bad"] = (e.reason, e.detail)
     return out
 
@@ -433,15 +271,15 @@ class _Encode:
       n, ex = len(sft.input_ids), dict(input_ids=sft.input_ids, loss_mask=sft.loss_mask)
     else:
       if row["reasoning"] is None:
-        raise formats.BadRow("missing_field", "a student distillation row needs a reasoning trace")
+        raise rows.BadRow("missing_field", "a student distillation row needs a reasoning trace")
       sft = f.student_sft_example(row["question"], row["reasoning"], row["solution"], row["system"])
       n, ex = len(sft.input_ids), dict(input_ids=sft.input_ids, loss_mask=sft.loss_mask)
     if n > self.max_len:
       if not self.truncate:  # (make_dataset allows truncate for the SFT kinds only)
-        raise formats.BadRow("too_long", f"{n} tokens, over the longest bucket {self.max_len}")
+        raise rows.BadRow("too_long", f"{n} tokens, over the longest bucket {self.max_len}")
       ex = {k: v[:self.max_len] for k, v in ex.items()}
     if self.kind != "prompt" and not ex["loss_mask"].any():
-      raise formats.BadRow("no_target", f"nothing to train on in the first {self.max_len} tokens "
+      raise rows.BadRow("no_target", f"nothing to train on in the first {self.max_len} tokens "
                            "(the completion starts after the cut)")
     return ex
 
@@ -468,6 +306,11 @@ class _Collate:
     return out
 
 
+def _concat(specs: list, data_dir: str | None) -> sources.ConcatSource:
+  """One source over the rows of every spec, in order (`sources.open_source` opens each)."""
+  return sources.ConcatSource([sources.open_source(s, data_dir=data_dir) for s in specs])
+
+
 def make_dataset(sources, fmt: formats.RLTFormat, *, kind: str = "prompt", batch_size: int,
                  buckets: Sequence[int] = (256, 512, 1024, 2048), seed: int = 0, shuffle: bool = True,
                  num_epochs: int | None = None, process_index: int | None = None, process_count: int | None = None,
@@ -489,10 +332,10 @@ def make_dataset(sources, fmt: formats.RLTFormat, *, kind: str = "prompt", batch
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
     raise ValueError(f"data: process_index {process_index} must be in [0, process_count={process_count})")
-  sources = list(sources) if isinstance(sources, (list, tuple)) else [sources]
-  src = ConcatSource([open_source(s, data_dir=data_dir) for s in sources])
+  specs = list(sources) if isinstance(sources, (list, tuple)) else [sources]
+  src = _concat(specs, data_dir)
   if len(src) == 0:
-    raise ValueError(f"data: no rows in {sources}")
+    raise ValueError(f"data: no rows in {specs}")
   ds = grain.MapDataset.source(src)
   if shuffle:
     ds = ds.shuffle(seed=seed)

@@ -30,15 +30,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlt_jax import data, formats, run_setup, train
+from rlt_jax import cli, data, formats, loading, loop, rows, run_config, sources, train
 
-ConfigError = run_setup.ConfigError
+ConfigError = run_config.ConfigError
 _log = logging.getLogger("rlt_jax")
 ON_ALL_FAILED = ("keep_best", "drop")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  c = run_setup.default_config()
+  c = run_config.default_config()
   c.workdir = "runs/distill"
   c.distill = ml_collections.ConfigDict(dict(
       candidates=1,            # explanations sampled per item (k)
@@ -82,14 +82,14 @@ def _append(path: str, rows: list[dict]) -> None:
 
 def read_items(cfg, fmt: formats.RLTFormat) -> tuple[list[dict], list[dict]]:
   """(usable items, skipped records) of `data.path` in file order, each with its `index` and `where`."""
-  src = data.open_source(cfg.data.path or str(data.SAMPLE_PATH), data_dir=cfg.data.tfds_data_dir or None)
+  src = sources.open_source(cfg.data.path or str(data.SAMPLE_PATH), data_dir=cfg.data.tfds_data_dir or None)
   n = len(src) if not cfg.distill.limit else min(len(src), int(cfg.distill.limit))
   items, skipped = [], []
   for i in range(n):
     rec = src[i]
     try:
-      row = formats.read_row(data.decode_payload(rec.payload), cfg.data.reader)
-    except formats.BadRow as e:
+      row = rows.read_row(sources.decode_payload(rec.payload), cfg.data.reader)
+    except rows.BadRow as e:
       if cfg.data.strict:
         raise data.BadRowError(f"{rec.where}: bad row ({e.reason}): {e.detail}") from None
       skipped.append(dict(index=i, where=rec.where, reason=e.reason, detail=e.detail))
@@ -107,7 +107,7 @@ def read_items(cfg, fmt: formats.RLTFormat) -> tuple[list[dict], list[dict]]:
 
 
 def student_row(fmt: formats.RLTFormat, item: dict, explanation: str) -> dict:
-  """The Stratos-format student row for one item (what `formats.read_row` and `rlt_jax.sft` read back)."""
+  """The Stratos-format student row for one item (what `rows.read_row` and `rlt_jax.sft` read back)."""
   system = item["system"] or fmt.student_system
   text = fmt.student_text(item["question"], explanation, item["solution"], system)
   assistant = text[len(fmt.chat_text(system, item["question"])):-len("<|im_end|>\n")]
@@ -117,7 +117,7 @@ def student_row(fmt: formats.RLTFormat, item: dict, explanation: str) -> dict:
   return row
 
 
-def _explain(rs: run_setup.RunSetup, params, items: list[dict], batch_no: int) -> list[dict]:
+def _explain(rs: loading.RunSetup, params, items: list[dict], batch_no: int) -> list[dict]:
   """Samples, scores and picks the candidates of a batch of items (padded to the static batch with repeats)."""
   cfg, k = rs.config, rs.config.group_size
   want = cfg.distill.items_per_batch
@@ -126,8 +126,7 @@ def _explain(rs: run_setup.RunSetup, params, items: list[dict], batch_no: int) -
   batch = dict(prompt_ids=ids, prompt_mask=mask, question=[it["question"] for it in padded],
                solution=[it["solution"] for it in padded], system=[it["system"] for it in padded])
   ro = train.rollout(rs, params, batch, batch_no)
-  _, (reward, rm, _) = train.rollout_rewards(rs, params, ro)
-  reward, rm = np.asarray(reward), {key: np.asarray(v) for key, v in rm.items()}
+  reward, rm, _ = jax.device_get(train.rollout_rewards(rs, params, ro))
   limit = cfg.distill.student_context or cfg.max_student_len
   out = []
   for b, item in enumerate(items):
@@ -152,15 +151,12 @@ def _explain(rs: run_setup.RunSetup, params, items: list[dict], batch_no: int) -
 
 
 def validate(cfg) -> None:
-  d = cfg.distill
-  def need(ok, field, msg):
-    if not ok:
-      raise ConfigError(f"config.distill.{field}={d[field]!r}: {msg}")
-  need(d.candidates >= 1, "candidates", "must be >= 1")
-  need(d.items_per_batch >= 1, "items_per_batch", "must be >= 1")
-  need(d.limit >= 0, "limit", "must be >= 0 (0 = every row)")
-  need(d.student_context >= 0, "student_context", "must be >= 0 (0 = max_student_len)")
-  need(d.on_all_failed in ON_ALL_FAILED, "on_all_failed", f"must be one of {ON_ALL_FAILED}")
+  d, need = cfg.distill, run_config.Checker(cfg).need
+  need(d.candidates >= 1, "distill.candidates", "must be >= 1")
+  need(d.items_per_batch >= 1, "distill.items_per_batch", "must be >= 1")
+  need(d.limit >= 0, "distill.limit", "must be >= 0 (0 = every row)")
+  need(d.student_context >= 0, "distill.student_context", "must be >= 0 (0 = max_student_len)")
+  need(d.on_all_failed in ON_ALL_FAILED, "distill.on_all_failed", f"must be one of {ON_ALL_FAILED}")
   if jax.process_count() > 1:
     raise ConfigError("rlt_jax.distill runs as one process (all its devices on one mesh); "
                       f"{jax.process_count()} processes were started")
@@ -173,7 +169,7 @@ def run(cfg, workdir: str) -> dict:
   cfg.group_size = int(cfg.distill.candidates)
   cfg.batch_size = int(cfg.distill.items_per_batch) * cfg.group_size
   cfg.grpo.micro_batches = 1
-  rs = run_setup.setup(cfg, workdir, training=False)
+  rs = loading.setup(cfg, workdir, training=False)
   paths = {name: os.path.join(workdir, f"{name}.jsonl") for name in ("distill", "skipped")}
   done = _jsonl_done(paths["distill"]) | _jsonl_done(paths["skipped"])
   items, skipped = read_items(cfg, rs.fmt)
@@ -181,7 +177,7 @@ def run(cfg, workdir: str) -> dict:
   done |= {s["index"] for s in skipped}
   todo = [it for it in items if it["index"] not in done]
   total = len(items) + len(skipped)
-  bar = run_setup.progress(total, total - len(todo), desc="distill", unit="item")
+  bar = loop.progress(total, total - len(todo), desc="distill", unit="item")
   per = int(cfg.distill.items_per_batch)
   for start in range(0, len(todo), per):
     chunk = todo[start:start + per]
@@ -211,4 +207,4 @@ def _export(jsonl: str, directory: str) -> None:
 
 
 if __name__ == "__main__":
-  run_setup.cli(run)
+  cli.cli(run)

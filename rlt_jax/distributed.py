@@ -10,7 +10,7 @@ Which setup `initialize` picks (`--distributed`, default "detect"):
             "detect" takes it when TPU_WORKER_HOSTNAMES names several hosts or MEGASCALE_COORDINATOR_ADDRESS is set;
             launch/tpu_pod.sh asks for it explicitly.
   off       one process (also what "detect" falls back to, and what a plan of one process means).
-It must run before anything touches JAX devices; `run_setup.cli` calls it first thing.
+It must run before anything touches JAX devices; `cli.cli` calls it first thing.
 
 With several processes every process runs the same program on one global mesh. The data loader deals the stream
 round-robin to processes (element g goes to process g mod count); `gather_rows` puts every process's batch back
@@ -220,20 +220,25 @@ def gather_rows(batch: dict) -> dict:
 
 def global_rows(x, mesh, rules=None):
   """A host array that is the same on every process, as one array over `mesh` with its rows split by the "batch"
-  rule (each device receives only its rows). With one process `x` is returned unchanged: jit places it as before."""
-  if jax.process_count() == 1:
-    return x
+  rule (each device receives only its rows): an explicit upload, so it passes `jax.transfer_guard("disallow")`."""
   x = np.asarray(x)
   spec = sharding.logical_to_spec(("batch",) + (None,) * (x.ndim - 1), rules, mesh=mesh, shape=x.shape,
                                   what="activation")  # a row count the axes do not divide is replicated
-  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
+  target = NamedSharding(mesh, spec)
+  if jax.process_count() == 1:
+    return jax.device_put(x, target)
+  # Each local device's block, put there explicitly (make_array_from_callback's transfer is an implicit one).
+  blocks = [jax.device_put(x[index], device)
+            for device, index in target.addressable_devices_indices_map(x.shape).items()]
+  return jax.make_array_from_single_device_arrays(x.shape, target, blocks)
 
 
 def to_host(tree):
-  """A pytree of arrays as NumPy on every process: np.asarray when this process holds all of each array, else one
-  all-gather of the tree (np.asarray cannot read an array that spans processes)."""
+  """A pytree of arrays as NumPy on every process, in one explicit transfer: `jax.device_get` when this process
+  holds all of each array (replicated ones included), else one all-gather of the tree."""
   leaves = jax.tree.leaves(tree)
-  if all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in leaves):
-    return jax.tree.map(np.asarray, tree)
+  if all(not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated for x in leaves):
+    return jax.device_get(tree)
   from jax.experimental import multihost_utils
-  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+  with jax.transfer_guard("allow"):  # the all-gather's own copies: this call is the one explicit transfer
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))

@@ -28,10 +28,10 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from rlt_jax import checkpoint, data, formats, grading, run_setup, sampling, sharding
+from rlt_jax import cli, data, formats, grading, hf_checkpoint, loading, rows, run_config, sampling, sharding, sources
 
 _log = logging.getLogger("rlt_jax")
-ConfigError = run_setup.ConfigError
+ConfigError = run_config.ConfigError
 SAMPLE_NAMES = ("", "sample")  # a benchmark path meaning the bundled GSM8K sample (data.SAMPLE_PATH)
 _DTYPES = ("float32", "bfloat16", "float16")
 _SKIP_REASONS = ("no_answer", "too_long", "bad_row")
@@ -44,7 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model_path = ""          # HF model dir of the student to evaluate (required unless tiny_models)
   c.tokenizer_path = ""      # "" = the model's directory
   c.tiny_models = False      # True with an empty model_path: evaluate the tiny local student (built if missing)
-  c.tiny = run_setup.default_config().tiny  # shape of the tiny models (same as the tiny RL run's)
+  c.tiny = run_config.default_config().tiny  # shape of the tiny models (same as the tiny RL run's)
   # "name=path" specs; path: a .jsonl/.parquet file of GSM8K rows (question, answer ending "#### N"), MATH/AIME rows
   # (problem, solution, answer) or custom rows (question, answer: the final answer; solution optional); "" or
   # "sample" = the bundled GSM8K sample. The name names the output file <name>.jsonl.
@@ -95,9 +95,8 @@ def _benchmark_specs(cfg) -> list[tuple[str, str]]:
 
 def validate(cfg) -> list[tuple[str, str]]:
   """Checks the config before any work (every error names the field); returns the (name, path) benchmarks."""
-  def need(ok, field, msg):
-    if not ok:
-      raise ConfigError(f"config.{field}={cfg[field]!r}: {msg}")
+  c = run_config.Checker(cfg)
+  need = c.need
   for f in ("max_new_tokens", "max_prompt_len", "batch_size"):
     need(isinstance(cfg[f], int) and cfg[f] >= 1, f, "must be an int >= 1")
   need(isinstance(cfg.limit, int) and cfg.limit >= 0, "limit", "must be an int >= 0 (0 = every problem)")
@@ -114,11 +113,9 @@ def validate(cfg) -> list[tuple[str, str]]:
   need(not cfg.model_path or os.path.isfile(os.path.join(cfg.model_path, "config.json")), "model_path",
        "has no config.json (a Hugging Face model directory is expected)")
   need(not cfg.tokenizer_path or os.path.isdir(cfg.tokenizer_path), "tokenizer_path", "is not a directory")
-  try:
-    [int(v) for v in cfg.mesh.values()]
-    sharding.normalize_rules(cfg.sharding_rules or sharding.DEFAULT_RULES)
-  except (ValueError, TypeError) as e:
-    raise ConfigError(f"config.mesh / config.sharding_rules: {e}") from None
+  layout = "mesh / config.sharding_rules"  # one error names both fields
+  c.call(layout, lambda: [int(v) for v in cfg.mesh.values()])
+  c.call(layout, sharding.normalize_rules, cfg.sharding_rules or sharding.DEFAULT_RULES)
   return _benchmark_specs(cfg)
 
 
@@ -127,7 +124,7 @@ def load_problems(path: str, fmt: formats.RLTFormat, *, limit: int, max_prompt_l
   """(problems, skipped counts, skipped locations): the first `limit` usable rows of a benchmark file, each with its
   student prompt ids; rows without a gold answer, unreadable rows and over-long prompts are skipped."""
   try:
-    src = data.open_source(path)
+    src = sources.open_source(path)
   except (ValueError, OSError) as e:
     raise ConfigError(f"config.benchmarks: {e}") from None
   problems, skipped, where_skipped = [], dict.fromkeys(_SKIP_REASONS, 0), {r: [] for r in _SKIP_REASONS}
@@ -141,9 +138,9 @@ def load_problems(path: str, fmt: formats.RLTFormat, *, limit: int, max_prompt_l
       break
     rec = src[i]
     try:
-      raw = data.decode_payload(rec.payload)
-      row = formats.read_row(raw)
-    except formats.BadRow as e:
+      raw = sources.decode_payload(rec.payload)
+      row = rows.read_row(raw)
+    except rows.BadRow as e:
       skip("bad_row", f"{rec.where} ({e})")
       continue
     gold = row["answer"] or _short_answer(raw)
@@ -163,7 +160,7 @@ def _short_answer(raw) -> str | None:
   """The gold of a custom {question, answer} row: auto-detection reads it as GSM8K, whose gold is the text after
   "####"; an `answer` that is one line with no "####" is the final answer itself (a worked GSM8K solution missing
   its "####" line spans several lines and stays without a gold answer)."""
-  if not isinstance(raw, dict) or formats.detect_reader(raw) != "gsm8k":
+  if not isinstance(raw, dict) or rows.detect_reader(raw) != "gsm8k":
     return None
   ans = raw.get("answer")
   if isinstance(ans, (int, float)) and not isinstance(ans, bool):
@@ -253,12 +250,12 @@ def run(cfg, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   model_path, tok_path = cfg.model_path, cfg.tokenizer_path or cfg.model_path
   if not model_path:  # the tiny student, built the way the tiny RL run builds it
-    paths = run_setup.tiny_model_paths(cfg, workdir)
+    paths = loading.tiny_model_paths(cfg, workdir)
     model_path, tok_path = paths["student"], cfg.tokenizer_path or paths["tokenizer"]
-  tokenizer = checkpoint.load_tokenizer(tok_path)
-  fmt = run_setup.make_format(cfg, tokenizer)
-  mesh, rules = run_setup.make_mesh(cfg)
-  model_config, params = run_setup.load_model(cfg, model_path, tokenizer, mesh, rules, dtype=cfg.dtype)
+  tokenizer = hf_checkpoint.load_tokenizer(tok_path)
+  fmt = loading.make_format(cfg, tokenizer)
+  mesh, rules = loading.make_mesh(cfg)
+  model_config, params = loading.load_model(cfg, model_path, tokenizer, mesh, rules, dtype=cfg.dtype)
   if cfg.max_prompt_len + cfg.max_new_tokens > model_config.max_position_embeddings:
     _log.warning("max_prompt_len + max_new_tokens = %d is over the model's max_position_embeddings %d",
                  cfg.max_prompt_len + cfg.max_new_tokens, model_config.max_position_embeddings)
@@ -290,4 +287,4 @@ def run(cfg, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
-  run_setup.cli(run)
+  cli.cli(run)

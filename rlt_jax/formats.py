@@ -1,4 +1,4 @@
-"""RLT chat formats: teacher prompts, id-level student examples, SFT rows and dataset row readers.
+"""RLT chat formats: teacher prompts, id-level student examples and SFT rows (the dataset row readers are `rows`).
 
 Teacher turn (METHOD_SPEC §1.4): ChatML system + user, then the assistant turn
   `<|begin_of_solution|>{solution}<|end_of_solution|>\n\n<|begin_of_explanation|>\n\n{explanation}
@@ -39,10 +39,12 @@ tokenized once per distinct system prompt, which is exact because special tokens
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from rlt_jax import rows
 
 # ------------------------------------------------------------------------------------------------------------ styles
 _STRATOS_TEACHER = (
@@ -63,10 +65,10 @@ _R1_STUDENT = (
     "then give the final answer.")
 
 STYLES: dict[str, dict[str, Any]] = {
-    "stratos": dict(solution_tags=("<|begin_of_solution|>", "<|end_of_solution|>"),
+    "stratos": dict(solution_tags=rows.STRATOS_TAGS["solution"],
                     explanation_tags=("<|begin_of_explanation|>", "<|end_of_explanation|>"),
-                    thought_tags=("<|begin_of_thought|>", "<|end_of_thought|>"),
-                    student_solution_tags=("<|begin_of_solution|>", "<|end_of_solution|>"),
+                    thought_tags=rows.STRATOS_TAGS["thought"],
+                    student_solution_tags=rows.STRATOS_TAGS["solution"],
                     teacher_system=_STRATOS_TEACHER, student_system=_STRATOS_STUDENT,
                     delimiter="\n\n", padding="\n\n", think_prefix=""),
     "r1": dict(solution_tags=("<solution>", "</solution>"),
@@ -344,127 +346,3 @@ class RLTFormat:
     _, starts, ends = self._gather(ids.astype(np.int64))
     lo, hi = len(head.encode()), len(full.encode()) - 1  # assistant content .. <|im_end|>, not the final "\n"
     return SFTExample(ids.astype(np.int32), (starts >= lo) & (ends <= hi))
-
-
-# ------------------------------------------------------------------------------------------------------------ readers
-BAD_REASONS = ("missing_field", "empty_field", "wrong_type", "too_long", "broken_json", "undecodable", "no_target")
-STRATOS_TAGS = dict(thought=STYLES["stratos"]["thought_tags"], solution=STYLES["stratos"]["solution_tags"])
-
-
-class BadRow(ValueError):
-  """A row that cannot be used; `reason` is one of BAD_REASONS."""
-
-  def __init__(self, reason: str, detail: str):
-    assert reason in BAD_REASONS, reason
-    super().__init__(f"{reason}: {detail}")
-    self.reason, self.detail = reason, detail
-
-
-def _text(row: Mapping, key: str, *, required: bool = True) -> str | None:
-  v = row.get(key)
-  if v is None:
-    if required:
-      raise BadRow("missing_field", f"field {key!r} is missing")
-    return None
-  if isinstance(v, np.ndarray) and v.ndim == 0:
-    v = v.item()
-  if isinstance(v, (bytes, bytearray)):
-    try:
-      v = bytes(v).decode("utf-8")
-    except UnicodeDecodeError as e:
-      raise BadRow("undecodable", f"field {key!r} is not UTF-8 ({e.reason} at byte {e.start})") from None
-  if not isinstance(v, str):
-    raise BadRow("wrong_type", f"field {key!r} is {type(v).__name__}, expected text")
-  if not v.strip():
-    if required:
-      raise BadRow("empty_field", f"field {key!r} is empty")
-    return None
-  return str(v)
-
-
-def _between(text: str, tags: tuple[str, str], where: str) -> str:
-  i = text.find(tags[0])
-  j = text.find(tags[1], i + len(tags[0])) if i >= 0 else -1
-  if j < 0:
-    raise BadRow("missing_field", f"{where} has no {tags[0]}…{tags[1]} section")
-  return text[i + len(tags[0]): j]
-
-
-def read_stratos(row: Mapping) -> dict:
-  """Bespoke-Stratos `conversations` row: [user question, assistant thought + solution]; `system` kept if present.
-
-  The thought keeps its text between the tags minus one leading "\n\n" (the padding the formats add back); the
-  solution content keeps its "\n\n" padding, as in the data."""
-  conv = row.get("conversations")
-  if conv is None:
-    raise BadRow("missing_field", "field 'conversations' is missing")
-  if not isinstance(conv, (list, tuple)) or not all(isinstance(c, Mapping) for c in conv):
-    raise BadRow("wrong_type", "field 'conversations' must be a list of {from, value} messages")
-  role = [c.get("from", c.get("role")) for c in conv]
-  value = [c.get("value", c.get("content")) for c in conv]
-  turns = [v for r, v in zip(role, value) if r != "system"]
-  if len(turns) < 2:
-    raise BadRow("missing_field", "field 'conversations' needs a user and an assistant message")
-  question = _text({"conversations[0]": turns[0]}, "conversations[0]")
-  answer = _text({"conversations[1]": turns[1]}, "conversations[1]")
-  thought = _between(answer, STRATOS_TAGS["thought"], "conversations[1]")
-  solution = _between(answer, STRATOS_TAGS["solution"], "conversations[1]")
-  if not solution.strip():
-    raise BadRow("empty_field", "conversations[1] has an empty solution section")
-  reasoning = thought[2:] if thought.startswith("\n\n") else thought
-  system = _text(row, "system", required=False)
-  if system is None and "system" in role:  # some exports keep the system prompt as a first message
-    system = _text({"system": value[role.index("system")]}, "system", required=False)
-  return dict(question=question, solution=solution, reasoning=reasoning or None, system=system, answer=None)
-
-
-def read_custom(row: Mapping) -> dict:
-  """Custom rows: `question` (alias `prompt`), `solution`, optional `reasoning_trace`, `system`, `answer`."""
-  qkey = "question" if row.get("question") is not None else "prompt" if row.get("prompt") is not None else "question"
-  return dict(question=_text(row, qkey), solution=_text(row, "solution"),
-              reasoning=_text(row, "reasoning_trace", required=False), system=_text(row, "system", required=False),
-              answer=_answer(row))
-
-
-def _answer(row: Mapping) -> str | None:
-  v = row.get("answer")
-  return None if v is None else _text(row, "answer", required=False) if not isinstance(v, (int, float)) else str(v)
-
-
-def read_gsm8k(row: Mapping) -> dict:
-  """GSM8K: `question` + `answer` (worked solution ending in "#### N"); solution = the whole worked answer."""
-  sol = _text(row, "answer")
-  final = sol.rsplit("####", 1)[1].strip().replace(",", "") if "####" in sol else None
-  return dict(question=_text(row, "question"), solution=sol, reasoning=None, system=None, answer=final or None)
-
-
-def read_math(row: Mapping) -> dict:
-  """MATH / MATH500 / AIME: `problem`, `solution`, optional `answer`."""
-  return dict(question=_text(row, "problem"), solution=_text(row, "solution"), reasoning=None, system=None,
-              answer=_answer(row))
-
-
-READERS = {"stratos": read_stratos, "custom": read_custom, "gsm8k": read_gsm8k, "math": read_math}
-
-
-def detect_reader(row: Mapping) -> str:
-  if "conversations" in row:
-    return "stratos"
-  if "problem" in row:
-    return "math"
-  if "solution" in row or "reasoning_trace" in row:
-    return "custom"
-  if "answer" in row:
-    return "gsm8k"
-  return "custom"
-
-
-def read_row(row: Any, reader: str = "auto") -> dict:
-  """Canonical row {question, solution, reasoning, system, answer} from a dataset row; raises BadRow."""
-  if not isinstance(row, Mapping):
-    raise BadRow("wrong_type", f"a row must be an object, got {type(row).__name__}")
-  if reader == "auto":
-    reader = detect_reader(row)
-  if reader not in READERS:
-    raise ValueError(f"formats: unknown reader {reader!r}; choose one of {['auto', *READERS]}")
-  return READERS[reader](row)

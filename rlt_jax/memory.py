@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh
 
-from rlt_jax import decode, grpo, sharding
+from rlt_jax import decode, optim, sharding
 from rlt_jax.models import qwen2
 from rlt_jax.models.config import ModelConfig
 
@@ -90,7 +90,7 @@ def _local_size(shape, names, mesh, rules) -> int:
 
 
 def params_device_bytes(config: ModelConfig, mesh, rules) -> int:
-  """Bytes of one device's shard of the params, as `checkpoint.load_hf(..., mesh=mesh)` places them."""
+  """Bytes of one device's shard of the params, as `hf_checkpoint.load_hf(..., mesh=mesh)` places them."""
   with quiet_sharding():
     sizes = jax.tree.map(lambda names, s: _local_size(s.shape, names, mesh, rules) * s.dtype.itemsize,
                          qwen2.param_logical_axes(config), qwen2.param_shapes(config),
@@ -99,9 +99,9 @@ def params_device_bytes(config: ModelConfig, mesh, rules) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _opt_state_leaves(config: ModelConfig, grpo_config: grpo.GRPOConfig) -> tuple:
+def _opt_state_leaves(config: ModelConfig, optim_config: optim.OptimConfig) -> tuple:
   """(logical axes or None, shape, itemsize) of every AdamW state leaf, from optax's own init traced abstractly."""
-  state = jax.eval_shape(grpo.make_optimizer(grpo_config).init, qwen2.param_shapes(config))
+  state = jax.eval_shape(optim.make_optimizer(optim_config).init, qwen2.param_shapes(config))
   axes = {tuple(k.key for k in path): names for path, names in jax.tree_util.tree_flatten_with_path(
       qwen2.param_logical_axes(config), is_leaf=lambda x: isinstance(x, tuple))[0]}
   out = []
@@ -112,12 +112,12 @@ def _opt_state_leaves(config: ModelConfig, grpo_config: grpo.GRPOConfig) -> tupl
   return tuple(out)
 
 
-def opt_state_device_bytes(config: ModelConfig, grpo_config: grpo.GRPOConfig, mesh, rules) -> int:
-  """One device's AdamW state as `grpo.init_optimizer_state` lays it out: moment leaves sharded like their params,
+def opt_state_device_bytes(config: ModelConfig, optim_config: optim.OptimConfig, mesh, rules) -> int:
+  """One device's AdamW state as `optim.init_state` lays it out: moment leaves sharded like their params,
   scalars (step counts) replicated."""
   with quiet_sharding():
     return sum((_local_size(shape, names, mesh, rules) if names else math.prod(shape)) * itemsize
-               for names, shape, itemsize in _opt_state_leaves(config, grpo_config))
+               for names, shape, itemsize in _opt_state_leaves(config, optim_config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +176,7 @@ def _mlp_half(d: Dims) -> int:  # the MLP's share of `residuals(d, "none")`
 
 def _attention_tiles(d: Dims, rows: int, T: int, block: int, backward: bool) -> int:
   """Blocked attention of one layer: the forward holds one fp32 [C, C] score tile a head; the backward of a
-  checkpointed pair of query blocks holds, for each of its n+1 tile steps, four fp32 [C, C] tiles (scores, masked
+  checkpointed pair of query blocks holds, for each of its X+1 tile steps, four fp32 [C, C] tiles (scores, masked
   scores, exponentials, their cotangent) and two [C, E] ones. A sequence of one block takes the dense [T, T] softmax."""
   C = min(block, T)
   if T <= block:
@@ -199,7 +199,7 @@ def _layer_forward(d: Dims, rows: int, T: int, block: int) -> int:
 
 
 def forward_bytes(d: Dims, rows: int, T: int, block: int, chunk: int) -> dict:
-  """Temporaries of `rewards.token_logprobs` (no gradients): the larger of one layer's and the log-prob head's (the
+  """Temporaries of `logprobs.token_logprobs` (no gradients): the larger of one layer's and the log-prob head's (the
   final hidden states, padded and chunk-major: 3·D; two fp32 [rows, chunk, V] buffers, the chunk's logits and a
   temporary; the transposed output kernel when tied, or the all-gathered one with fsdp)."""
   chunks = 2 * rows * min(chunk, T) * d.V * F32

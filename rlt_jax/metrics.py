@@ -1,4 +1,5 @@
-"""Run outputs: one JSON object a line (`metrics.jsonl`, `completions.jsonl`) and TensorBoard scalars.
+"""Run outputs: one JSON object a line (`metrics.jsonl`, `completions.jsonl`, whose rows `completion_rows` picks)
+and TensorBoard scalars.
 
 Only process 0 writes. On resume, lines of steps after the restored checkpoint are dropped first, so a killed and
 resumed run leaves the same files as an uninterrupted one.
@@ -12,6 +13,7 @@ import time
 
 import jax
 import numpy as np
+
 
 
 def _plain(v):
@@ -89,3 +91,15 @@ class RunWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def completion_rows(step: int, batch: dict, examples: list, lengths, per_row: dict, group_size: int,
+                    fraction: float) -> list[dict]:
+  """A seeded `fraction` of the step's completions (row i is prompt i // group_size of `batch`), with their
+  rewards (`per_row`: reward, r_ss, r_kl [B] as NumPy), for completions.jsonl."""
+  pick = np.flatnonzero(np.random.RandomState(step).rand(len(lengths)) < fraction)
+  G = group_size
+  return [{"step": step, "row": batch["where"][i // G], "question": batch["question"][i // G],
+           "explanation": examples[i].explanation_text, "matched": examples[i].matched, "length": int(lengths[i]),
+           "reward": float(per_row["reward"][i]), "r_ss": float(per_row["r_ss"][i]), "r_kl": float(per_row["r_kl"][i])}
+          for i in pick]

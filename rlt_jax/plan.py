@@ -10,21 +10,17 @@ directory, else from the Qwen2.5 presets below (`--model 7b`, or a preset name s
 config file name), or from the config's `tiny` fields when `tiny_models=True`. Without `--mesh` the mesh is the
 config's own when it names every axis, else the smallest device counts (powers of two up to 2048) whose
 data×fsdp×tensor meshes fit are searched. The buffers counted are `memory`'s; the reported total is the peak phase.
+The command line's run and its text report are `plan_report`'s.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import sys
 
-
-from rlt_jax import grpo, memory, run_setup, sharding, tiny
-from rlt_jax.memory import CHIPS, F32, GiB
-from rlt_jax.models import qwen2
+from rlt_jax import grpo, memory, optim, run_config, sharding, tiny
+from rlt_jax.memory import CHIPS, F32
 from rlt_jax.models.config import ModelConfig
-
 
 
 # Published Qwen2.5 config.json values (base and Instruct share them): hidden, intermediate, layers, heads, kv heads,
@@ -54,7 +50,7 @@ def preset_in(text: str) -> str | None:
 
 def model_configs(cfg, *, model: str | None = None, config_path: str = "") -> tuple[ModelConfig, ModelConfig, str]:
   """(teacher, student, where the shapes came from), with the config's dtypes and remat; the frozen student is
-  stored in the compute dtype, as `run_setup.setup` loads it."""
+  stored in the compute dtype, as `loading.setup` loads it."""
   kw = dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat)
   if model is not None and model.lower() not in QWEN25:
     raise ValueError(f"--model={model!r}: expected one of {sorted(QWEN25)} (Qwen2.5 sizes)")
@@ -97,16 +93,14 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------------------------ the plan
 def _check(cfg) -> grpo.GRPOConfig:
+  c = run_config.Checker(cfg)
   for f in ("batch_size", "group_size", "max_prompt_len", "max_new_tokens", "max_student_len", "logprob_chunk_size"):
-    if int(cfg[f]) < 1:
-      raise run_setup.ConfigError(f"config.{f}={cfg[f]!r}: must be >= 1")
-  if cfg.batch_size % cfg.group_size:
-    raise run_setup.ConfigError(f"config.batch_size={cfg.batch_size}: must be a multiple of config.group_size="
-                                f"{cfg.group_size}")
-  g = run_setup._field("grpo", grpo.GRPOConfig, **cfg.grpo.to_dict())
-  if cfg.batch_size % g.micro_batches:
-    raise run_setup.ConfigError(f"config.batch_size={cfg.batch_size}: must be divisible by config.grpo.micro_batches="
-                                f"{g.micro_batches}")
+    c.need(int(cfg[f]) >= 1, f, "must be >= 1")
+  c.need(cfg.batch_size % cfg.group_size == 0, "batch_size",
+         f"must be a multiple of config.group_size={cfg.group_size}")
+  g = c.call("grpo", grpo.GRPOConfig, **cfg.grpo.to_dict())
+  c.need(cfg.batch_size % g.micro_batches == 0, "batch_size",
+         f"must be divisible by config.grpo.micro_batches={g.micro_batches}")
   return g
 
 
@@ -131,13 +125,13 @@ def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, devi
   sd, ud = (memory.dims(c, mesh, rules) for c in (student, teacher))
   td = memory.dims(served, mesh, rules)
   # Sampling runs on the rollout layout: the compute copy again, on a (data, 1, tensor) mesh of the same devices.
-  rollout_sizes = run_setup._field("rollout_tensor", memory.rollout_mesh_sizes, teacher, mesh_sizes, host_devices,
-                                   int(cfg.rollout_tensor))
+  rollout_sizes = run_config.Checker(cfg).call("rollout_tensor", memory.rollout_mesh_sizes, teacher, mesh_sizes,
+                                               host_devices, int(cfg.rollout_tensor))
   rmesh = memory.abstract_mesh(rollout_sizes)
   rrules = sharding.normalize_rules(cfg.rollout_rules or sharding.ROLLOUT_RULES)
   same = teacher.param_dtype == teacher.dtype and math.prod(mesh_sizes.values()) == 1  # the params themselves
   resident = dict(params=memory.params_device_bytes(teacher, mesh, rules),
-                  opt_state=memory.opt_state_device_bytes(teacher, g, mesh, rules),
+                  opt_state=memory.opt_state_device_bytes(teacher, g.optim, mesh, rules),
                   ref_params=memory.params_device_bytes(served, mesh, rules),
                   student_params=memory.params_device_bytes(student, mesh, rules))
   copies = dict(compute=(0 if teacher.param_dtype == teacher.dtype else memory.params_device_bytes(served, mesh, rules)),
@@ -150,7 +144,9 @@ def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, devi
                              window=int(cfg.decode.window))
   fw_rows = memory.local("batch", reward_rows, mesh, rules)  # one reward micro-batch's rows on a device
   t_fw, s_fw = memory.forward_bytes(td, fw_rows, P + N, block, chunk), memory.forward_bytes(sd, fw_rows, S, block, chunk)
-  reward_inputs = rows * ((P + N) * 6 + S * 7 + 1)  # int32 ids, bool masks
+  # The step program's arguments, live through the reward and the update: int32 ids, bool masks, and with overlap
+  # the sampler's fp32 log-probs of the completions.
+  reward_inputs = rows * ((P + N) * 6 + S * 7 + 1 + (N * F32 if cfg.overlap else 0))
   # The two forwards are independent, so XLA may start one while the other runs: allow for the other's embedded
   # input and residual stream (2·D a token) beside each, and the teacher's [rows, P+N] fp32 log-probs.
   stream = lambda d, T: 2 * fw_rows * T * d.D * d.c  # noqa: E731
@@ -164,11 +160,10 @@ def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, devi
   # After the backward pass: the gradients, and the clipped gradients and Adam's updates in flight before the
   # non-finite check selects the new state (2.5× the params in XLA's buffer assignment of a step with tiny batches).
   optimizer_step = int(2.5 * resident["params"])
-  update_inputs = rows * (P + N) * 9 + rows * F32
-  # Copies alive in each phase: the rollout copy while sampling, the compute copy for the reward; with overlap, the
-  # next step's sampling (and its copy) is dispatched while the compute copy is still held, before the update.
-  held = dict(sample=copies["rollout"] + (copies["compute"] if cfg.overlap else 0), reward=copies["compute"],
-              update=copies["compute"] + copies["rollout"] if cfg.overlap else 0)
+  update_inputs = reward_inputs + rows * F32  # + the advantages
+  # Copies alive in each phase: the rollout copy while sampling; inside the step program the compute copy for the
+  # reward, then the rollout copy of the new params that the program lays out for the next sampling.
+  held = dict(sample=copies["rollout"], reward=copies["compute"], update=copies["rollout"])
   phases = {
       "sample": dict(temp=samp["temp"], inputs=memory.local("batch", prompts, rmesh, rrules) * P * 5,
                      kv_cache=samp["kv_cache"], prefill=samp["prefill"], decode=samp["decode"]),
@@ -271,15 +266,15 @@ def plan_sft(cfg, model: ModelConfig, mesh_sizes: dict, device_bytes: int, *, us
              attention_block: int = 512) -> dict:
   """The per-device plan of an SFT run (`sft.run`): params and AdamW state resident, and one phase, the update of
   one of `micro_batches` parts of `batch_size` sequences of `max_len` tokens."""
+  c = run_config.Checker(cfg)
   for f in ("batch_size", "micro_batches", "max_len", "logprob_chunk_size"):
-    if int(cfg[f]) < 1:
-      raise run_setup.ConfigError(f"config.{f}={cfg[f]!r}: must be >= 1")
+    c.need(int(cfg[f]) >= 1, f, "must be >= 1")
   rules = sharding.normalize_rules(cfg.sharding_rules or sharding.DEFAULT_RULES)
   mesh = memory.abstract_mesh(mesh_sizes)
-  g = grpo.GRPOConfig(b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, micro_batches=int(cfg.micro_batches))
+  o = optim.OptimConfig(b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
   d = memory.dims(model, mesh, rules)
   resident = dict(params=memory.params_device_bytes(model, mesh, rules),
-                  opt_state=memory.opt_state_device_bytes(model, g, mesh, rules))
+                  opt_state=memory.opt_state_device_bytes(model, o, mesh, rules))
   resident_total = sum(resident.values()) + 4  # + the step counter
   rows = memory.local("batch", cfg.batch_size, mesh, rules)
   mb_rows = memory.local("batch", max(cfg.batch_size // cfg.micro_batches, 1), mesh, rules)
@@ -295,125 +290,11 @@ def plan_sft(cfg, model: ModelConfig, mesh_sizes: dict, device_bytes: int, *, us
               usable_bytes=int(device_bytes * usable), fits=update["total"] <= device_bytes * usable, notes=[])
 
 
-# ------------------------------------------------------------------------------------------------------------ CLI
-def report(p: dict, *, header: list[str]) -> str:
-  ph = p["phases"]
-  s, r, u = ph["sample"], ph["reward"], ph["update"]
-  gib = lambda b: f"{b / GiB:.2f}"  # noqa: E731
-  row = lambda label, b, extra="": f"  {label:<40}{gib(b):>9}  {extra}".rstrip()  # noqa: E731
-  by_remat = ", ".join(f"{k} {gib(v)}" for k, v in p["activation_bytes_by_remat"].items())
-  lines = header + ["", f"  {'per device':<40}{'GiB':>9}",
-                    row("teacher params", p["params_bytes"]),
-                    row("AdamW state (mu, nu, count)", p["opt_state_bytes"]),
-                    row("compute copy of the teacher", p["compute_params_bytes"], "read by the reward"),
-                    row("rollout copy of the teacher", p["rollout_params_bytes"],
-                        "read by sampling, on mesh " + _mesh_text(p["rollout_mesh"])),
-                    row("reference params", p["ref_params_bytes"]),
-                    row("student params", p["student_params_bytes"]),
-                    row("resident in every phase", p["resident_bytes"], "the copies come and go by phase"),
-                    row("sample: KV cache", p["kv_cache_bytes"],
-                        f"{p['sampling_prompts']} prompts x {p['group_size']} samples in one call"),
-                    row("sample: prefill working set", s["prefill"]),
-                    row("sample: decode working set", s["decode"], "prompt cache, its copy, generation cache"),
-                    row("reward: teacher forward", r["teacher_forward"]),
-                    row("reward: student forward", r["student_forward"]),
-                    row("reward: log-prob chunk buffers", r["logprob_chunks"], "fp32 [rows, chunk, vocab]"),
-                    row("update: gradients", u["grads"]),
-                    row(f"update: activations (remat {p['remat']})", u["activations"], f"by remat: {by_remat}"),
-                    row("update: of which saved residuals", u["saved_residuals"]),
-                    row("update: log-prob chunk buffers", u["logprob_chunks"]),
-                    ""]
-  lines += [row(f"phase {k} (resident + copies + inputs + working set)", ph[k]["total"]) for k in ph]
-  lines.append(f"peak: {p['peak_phase']}, {gib(p['total_bytes'])} GiB of {gib(p['usable_bytes'])} GiB usable "
-               f"({gib(p['device_bytes'])} GiB a device): " + ("fits" if p["fits"] else "does NOT fit"))
-  k = p["max_sampling_prompts"]
-  lines.append(f"largest sampling call that fits: {k} prompts x {p['group_size']} samples = {k * p['group_size']} "
-               f"completions (the config samples {p['sampling_prompts'] * p['group_size']} in one call)")
-  lines += [f"note: {n}" for n in p["notes"]]
-  return "\n".join(lines)
-
-
-def _count(n: int) -> str:
-  return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
-
-
-def _sft_main(cfg, config_path, chip, sizes, as_json, model, usable) -> None:
-  try:
-    m, source = sft_model_config(cfg, model=model, config_path=config_path)
-    p = plan_sft(cfg, m, sizes, CHIPS[chip].hbm_bytes, usable=usable)
-  except (ValueError, run_setup.ConfigError) as e:
-    sys.exit(f"error: {e}")
-  p.update(chip=chip, config=config_path, models=source, remat=cfg.remat)
-  if as_json:
-    print(json.dumps(p, indent=1))
-    return
-  u, gib = p["phases"]["update"], lambda b: f"{b / GiB:.2f}"  # noqa: E731
-  print(f"rlt_jax.plan: {config_path} (SFT) on {p['devices']} x {chip} (mesh {_mesh_text(sizes)}); {source}, params "
-        f"{cfg.param_dtype}, compute {cfg.dtype}, remat {cfg.remat}\n"
-        f"  params {gib(p['params_bytes'])}, AdamW state {gib(p['opt_state_bytes'])}, gradients {gib(u['grads'])}, "
-        f"activations {gib(u['activations'])} GiB a device\n"
-        f"peak: update, {gib(p['total_bytes'])} GiB of {gib(p['usable_bytes'])} GiB usable: "
-        + ("fits" if p["fits"] else "does NOT fit"))
-
-
-def _mesh_text(sizes) -> str:
-  return " ".join(f"{a}={sizes[a]}" for a in sharding.MESH_AXES)
-
-
-def main(cfg, config_path: str, chip: str, mesh: str | None, as_json: bool, model: str | None, usable: float,
-         max_devices: int) -> None:
-  """The CLI. Without `mesh`, the config's own mesh when it sets every axis (no -1), else a search."""
-  try:
-    if chip not in CHIPS:
-      raise ValueError(f"--chip={chip!r}: unknown chip; one of {sorted(CHIPS)}")
-    if not 0 < usable <= 1:
-      raise ValueError(f"--usable={usable}: must be in (0, 1]")
-    if max_devices < 1:
-      raise ValueError(f"--max_devices={max_devices}: must be >= 1")
-    own = {a: int(cfg.mesh[a]) for a in sharding.MESH_AXES}
-    if mesh is None and min(own.values()) >= 1:
-      mesh = ",".join(f"{a}={n}" for a, n in own.items())
-    if "max_len" in cfg and "kind" in cfg:  # an SFT config (sft.default_config)
-      if mesh is None:
-        raise ValueError("--mesh: required for an SFT config whose config.mesh has a -1 axis")
-      return _sft_main(cfg, config_path, chip, parse_mesh(mesh), as_json, model, usable)
-    device = CHIPS[chip].hbm_bytes
-    teacher, student, source = model_configs(cfg, model=model, config_path=config_path)
-    # qwen2.attention_block_size on accelerators
-    kw = dict(usable=usable, attention_block=512, host_devices=CHIPS[chip].host_devices)
-    search = None
-    if mesh is None:
-      search, closest = search_meshes(cfg, teacher, student, device, max_devices=max_devices, **kw)
-      sizes = search[0][1][0][0] if search else closest[0]
-    else:
-      sizes = parse_mesh(mesh)
-    p = plan(cfg, teacher, student, sizes, device, **kw)
-  except (ValueError, run_setup.ConfigError) as e:
-    sys.exit(f"error: {e}")
-  p.update(chip=chip, config=config_path, models=source, remat=cfg.remat, group_size=cfg.group_size,
-           max_sampling_prompts=max_sampling_prompts(cfg, teacher, student, sizes, device, **kw),
-           teacher_params=qwen2.num_params(qwen2.param_shapes(teacher)),
-           student_params=qwen2.num_params(qwen2.param_shapes(student)))
-  if search is not None:
-    p["mesh_search"] = [dict(devices=n, meshes=[dict(m, total_bytes=t) for m, t in fits]) for n, fits in search]
-  if as_json:
-    print(json.dumps(p, indent=1))
-    return
-  header = [f"rlt_jax.plan: {config_path} on {p['devices']} x {chip} (mesh {_mesh_text(sizes)})",
-            f"  models: {source}; {_count(p['teacher_params'])} / {_count(p['student_params'])} params, "
-            f"params {cfg.param_dtype}, compute {cfg.dtype}, remat {cfg.remat}",
-            f"  chip: {CHIPS[chip].note}; usable {usable:.0%}"]
-  if search is not None:
-    header.append("  mesh search (powers of two up to %d devices):" % max_devices)
-    header += [f"    {n} devices: " + "; ".join(
-        f"data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']} ({t / GiB:.1f} GiB)" for m, t in fits[:4])
-        for n, fits in search] or ["    nothing fits; shown: the mesh with the lowest peak"]
-  print(report(p, header=header))
-
-
 if __name__ == "__main__":
   from absl import app, flags
   from ml_collections import config_flags
+
+  from rlt_jax import plan_report
 
   _CONFIG = config_flags.DEFINE_config_file("config", None, "An ml_collections config file (configs/*.py).",
                                             lock_config=True)
@@ -426,5 +307,5 @@ if __name__ == "__main__":
                                "JAX on GPU preallocates 75% unless XLA_PYTHON_CLIENT_MEM_FRACTION says more).")
   _MAX = flags.DEFINE_integer("max_devices", 2048, "Largest device count the mesh search tries.")
   flags.mark_flags_as_required(["config", "chip"])
-  app.run(lambda argv: main(_CONFIG.value, config_flags.get_config_filename(flags.FLAGS["config"]),
-                            _CHIP.value, _MESH.value, _JSON.value, _MODEL.value, _USABLE.value, _MAX.value))
+  app.run(lambda argv: plan_report.main(_CONFIG.value, config_flags.get_config_filename(flags.FLAGS["config"]),
+                                        _CHIP.value, _MESH.value, _JSON.value, _MODEL.value, _USABLE.value, _MAX.value))

@@ -109,7 +109,7 @@ FIGURES: dict[str, tuple[str, tuple[Panel, ...]]] = {
     "throughput": ("Throughput and time split of a step", (
         Panel("sampled tokens per second", ("tokens_per_s",), ylabel="tokens/s"),
         Panel("time split, stacked (a run's first step includes compiling)",
-              ("time_sample", "time_reward", "time_update"), _stacked, ylabel="seconds"),
+              ("time_sample", "time_splice", "time_program"), _stacked, ylabel="seconds"),
     )),
     "optimizer": ("Optimizer", (
         Panel("GRPO loss", ("loss",)),

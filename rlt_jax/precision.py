@@ -32,17 +32,18 @@ MIN_MOVED = 0.9       # a learning rate must change at least this share of such 
 @functools.partial(jax.jit, static_argnums=1)
 def _cast(params, dtype: str):
   # A jitted elementwise cast keeps each leaf's sharding: no gather, one pass over the params.
-  return jax.tree.map(lambda p: _cast_leaf(p, dtype), params)
+  return jax.tree.map(lambda p: cast_leaf(p, dtype), params)
 
 
 @functools.lru_cache(maxsize=8)
 def _cast_to(dtype: str, sources: tuple, targets: tuple):
   # Cast where each leaf is, then move: the move (all-gathers within a tensor group) carries the smaller dtype.
-  return jax.jit(lambda leaves: [jax.lax.with_sharding_constraint(_cast_leaf(p, dtype), s)
+  return jax.jit(lambda leaves: [jax.lax.with_sharding_constraint(cast_leaf(p, dtype), s)
                                  for p, s in zip(leaves, sources)], out_shardings=list(targets))
 
 
-def _cast_leaf(p, dtype: str):
+def cast_leaf(p, dtype: str):
+  """A floating array in `dtype`; anything else (ids, step counts) as it is."""
   return p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p
 
 

@@ -8,7 +8,7 @@ import logging
 
 import ml_collections
 
-from rlt_jax import plan, run_setup, sharding
+from rlt_jax import plan, run_config, sharding
 from rlt_jax.memory import GiB, MiB
 from rlt_jax.models import qwen2
 
@@ -104,7 +104,7 @@ def check(cfg, mesh, *, kind: str = "rl"):
     fix = next((v for v in _candidates(cfg, field)
                 if plan_of(_with(cfg, field, v))["phases"][phase]["total"] <= p["usable_bytes"]), None)
     lines.append(f"  phase {phase} needs {gib(p['phases'][phase]['total'])} a device, {gib(over)} over: {how} "
-                 f"config.{field} (now {run_setup.field_value(cfg, field)}; " +
+                 f"config.{field} (now {run_config.Checker(cfg).value(field)}; " +
                  (f"{fix} fits)" if fix is not None else "no value fits alone)"))
   names = dict(params="trained params", opt_state="AdamW state", ref_params="reference", student_params="student")
   lines.append(f"  resident in every phase: {gib(p['resident_bytes'])} (" + ", ".join(
@@ -113,4 +113,4 @@ def check(cfg, mesh, *, kind: str = "rl"):
                f"'full'. `python -m rlt_jax.plan --config FILE --chip {chip} --mesh "
                f"{','.join(f'{a}={n}' for a, n in sizes.items())}` prints the whole plan; "
                "--config.preflight=False skips this check.")
-  raise run_setup.ConfigError("\n".join(lines))
+  raise run_config.ConfigError("\n".join(lines))

@@ -6,23 +6,25 @@ with ℓ = log softmax(logits / temperature) at the observed token, d = ℓ_t �
 tokens, and the paper's defaults a = (1, 0.01) with (mean, min), k = (3, 0.03) with (mean, max).
 
 Three layers, each usable on its own:
-  * `token_logprobs`: per-token log-probs of a sequence under a model, computed over sequence chunks so that at most
-    [B, chunk, V] fp32 logits exist at once (also under autodiff: each chunk is rematerialised in the backward pass).
+  * `logprobs.token_logprobs` (`rlt_jax.models.logprobs`): per-token log-probs of a sequence under a model, computed
+    over sequence chunks so that at most [B, chunk, V] fp32 logits exist at once.
   * `rlt_reward`: the reward from per-token log-probs and masks (pure, jittable, no NaN/inf can reach the output).
   * `rlt_rewards`: teacher/student params + padded ids + span masks -> rewards, in one jitted call.
-Shape suffixes: B batch, T (Tt/Ts) sequence, N aligned explanation length, C chunk, V vocab, D hidden.
+Shape letters: docs/architecture.md's glossary (T the teacher sequence, S the student's, N the explanation span
+left-aligned).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rlt_jax import sharding
-from rlt_jax.models import qwen2
+from rlt_jax.models import logprobs
 from rlt_jax.models.config import ModelConfig
 
 REDUCTIONS = ("mean", "sum", "min", "max")
@@ -76,65 +78,6 @@ class RewardConfig:
 
   def replace(self, **kw) -> "RewardConfig":
     return dataclasses.replace(self, **kw)
-
-
-# ---------------------------------------------------------------------------------------------------- log-probs
-def hidden_logprobs(config: ModelConfig, params, hidden_BTD, input_ids, *, temperature: float = 1.0,
-                    chunk_size: int = 512):
-  """[B, T] log-probs of `input_ids` from final hidden states; see `token_logprobs`.
-
-  The output projection, the temperature and the logsumexp run on chunks of `chunk_size` positions inside a
-  `lax.map`, so the largest live array is the [B, C, V] fp32 logits of one chunk. Each chunk body is under
-  `jax.checkpoint`: the backward pass recomputes a chunk's logits instead of saving all of them.
-  """
-  if not float(temperature) > 0:
-    raise ValueError(f"token_logprobs: temperature={temperature!r} must be > 0")
-  if int(chunk_size) < 1:
-    raise ValueError(f"token_logprobs: chunk_size={chunk_size!r} must be >= 1")
-  ids_BT = jnp.asarray(input_ids, jnp.int32)
-  B, T, D = hidden_BTD.shape
-  if ids_BT.shape != (B, T):
-    raise ValueError(f"token_logprobs: input_ids has shape {ids_BT.shape}, hidden states {hidden_BTD.shape}")
-  C = min(int(chunk_size), T)
-  n = -(-T // C)
-  pad = n * C - T
-  # Position t predicts token t+1; the last position predicts nothing (a dummy target 0, dropped below).
-  targets_BT = jnp.concatenate([ids_BT[:, 1:], jnp.zeros((B, 1), jnp.int32)], axis=1)
-  h = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
-  tgt = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-  h_NBCD = h.reshape(B, n, C, D).swapaxes(0, 1)
-  tgt_NBC = tgt.reshape(B, n, C).swapaxes(0, 1)
-  w_DV = qwen2.output_kernel(config, params).astype(config.jnp_dtype)
-
-  @jax.checkpoint
-  def chunk(args):
-    h_BCD, tgt_BC = args
-    logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV, preferred_element_type=jnp.float32) / temperature
-    logits_BCV = sharding.constrain(logits_BCV, ("batch", "length", "act_vocab"))
-    # A gather of the picked logit (with V sharded, the partitioner masks it per shard and all-reduces); a masked
-    # sum over V would cost one more [B, C, V] temporary on CPU.
-    picked_BC = jnp.take_along_axis(logits_BCV, tgt_BC[..., None], axis=-1)[..., 0]
-    return picked_BC - jax.nn.logsumexp(logits_BCV, axis=-1)
-
-  lp_NBC = jax.lax.map(chunk, (h_NBCD, tgt_NBC))
-  lp_BT = lp_NBC.swapaxes(0, 1).reshape(B, n * C)[:, :T]
-  out = jnp.concatenate([jnp.zeros((B, 1), jnp.float32), lp_BT[:, :-1]], axis=1)
-  return sharding.constrain(out, ("batch", "length"))
-
-
-def token_logprobs(config: ModelConfig, params, input_ids, attention_mask=None, *, temperature: float = 1.0,
-                   chunk_size: int = 512, positions=None, segment_ids=None):
-  """Per-token log-probs [B, T] (fp32) of `input_ids` under the model.
-
-  Entry t is log softmax(logits[t−1] / temperature)[input_ids[t]] for t >= 1, and 0 at t = 0. Entries at padding (and
-  at the first real token of a left-padded row) are finite but meaningless: mask them. Differentiable w.r.t. params
-  (GRPO uses the same function). The vocabulary side holds one chunk at a time: about 2·B·chunk_size·V·4 bytes per
-  device (the chunk's logits and one temporary), so lower `chunk_size` as the per-device batch grows.
-  Jit it with `config`, `temperature` and `chunk_size` static.
-  """
-  h_BTD = qwen2.forward_hidden(config, params, input_ids, attention_mask, positions=positions,
-                               segment_ids=segment_ids)
-  return hidden_logprobs(config, params, h_BTD, input_ids, temperature=temperature, chunk_size=chunk_size)
 
 
 # ------------------------------------------------------------------------------------------------------- reward
@@ -236,57 +179,68 @@ def rlt_reward(student_solution_logp, solution_mask, teacher_explanation_logp, s
 
 
 # -------------------------------------------------------------------------------------------- models -> reward
-@functools.partial(jax.jit, static_argnames=("teacher_config", "student_config", "reward_config", "chunk_size",
-                                             "micro_batch"))
-def _rlt_rewards_jit(teacher_config, teacher_params, student_config, student_params, teacher_ids, teacher_mask,
-                     teacher_expl, student_ids, student_mask, student_expl, solution_mask, matched, reward_config,
-                     chunk_size, micro_batch):
-  args = (teacher_ids, teacher_mask, teacher_expl, student_ids, student_mask, student_expl, solution_mask, matched)
+class RewardBatch(NamedTuple):
+  """The reward's inputs, one row per completion (B rows). T: teacher sequence, S: student sequence.
+
+  teacher_ids [B, T]: teacher prompt + completion; teacher_mask its real tokens; teacher_expl the explanation tokens.
+  student_ids [B, S]: the student example; student_mask its real tokens; student_expl the same explanation tokens
+    (same ids, same order); solution_mask the solution-content tokens. matched [B]: the end tag was found.
+  """
+  teacher_ids: Any
+  teacher_mask: Any
+  teacher_expl: Any
+  student_ids: Any
+  student_mask: Any
+  student_expl: Any
+  solution_mask: Any
+  matched: Any
+
+
+def reward_rows(teacher_config: ModelConfig, teacher_params, student_config: ModelConfig, student_params,
+                batch: RewardBatch, reward_config: RewardConfig, *, chunk_size: int, micro_batch: int = 0):
+  """(reward [B], metrics, teacher log-probs [B, T]) of a batch: pure and traceable (`rlt_rewards` jits it; the RL
+  step program calls it inside its own jit). With `micro_batch`, rows are scored in parts of that many inside a
+  `lax.map`, so one part's activations are live at a time."""
   one = functools.partial(_rewards_of_rows, teacher_config, teacher_params, student_config, student_params,
                           reward_config=reward_config, chunk_size=chunk_size)
-  B = teacher_ids.shape[0]
+  B = batch.teacher_ids.shape[0]
   if not micro_batch or micro_batch >= B:
-    return one(*args)
+    return one(batch)
   # Row r goes to part r % n, so each part takes the same slice of every device's rows (no data moves between
-  # devices when micro_batch is a multiple of the batch shards); one part's activations are live at a time.
+  # devices when micro_batch is a multiple of the batch shards).
   n = B // micro_batch
   split = lambda x: jnp.swapaxes(x.reshape(micro_batch, n, *x.shape[1:]), 0, 1)  # noqa: E731
   merge = lambda x: jnp.swapaxes(x, 0, 1).reshape(B, *x.shape[2:])  # noqa: E731
-  out = jax.lax.map(lambda a: one(*a), tuple(split(x) for x in args))
-  return jax.tree.map(merge, out)
+  return jax.tree.map(merge, jax.lax.map(one, jax.tree.map(split, batch)))
 
 
-def _rewards_of_rows(teacher_config, teacher_params, student_config, student_params, teacher_ids, teacher_mask,
-                     teacher_expl, student_ids, student_mask, student_expl, solution_mask, matched, *, reward_config,
-                     chunk_size):
-  rows = lambda x: sharding.constrain(x, ("batch", "length"))  # noqa: E731  batch over (data, fsdp)
-  teacher_ids, teacher_mask, teacher_expl = rows(teacher_ids), rows(teacher_mask), rows(teacher_expl)
-  student_ids, student_mask, student_expl = rows(student_ids), rows(student_mask), rows(student_expl)
-  solution_mask = rows(solution_mask)
-  lt_BT = token_logprobs(teacher_config, teacher_params, teacher_ids, teacher_mask,
-                         temperature=reward_config.teacher_temperature, chunk_size=chunk_size)
-  ls_BT = token_logprobs(student_config, student_params, student_ids, student_mask,
-                         temperature=reward_config.student_temperature, chunk_size=chunk_size)
-  N = min(teacher_ids.shape[1], student_ids.shape[1])
-  lt_BN, t_valid = left_align(lt_BT, teacher_expl, N)
-  ls_BN, s_valid = left_align(ls_BT, student_expl, N)
-  reward, metrics = rlt_reward(ls_BT, solution_mask, lt_BN, ls_BN, t_valid & s_valid, matched, reward_config)
-  metrics["explanation_length_mismatch"] = jnp.sum(teacher_expl, -1) != jnp.sum(student_expl, -1)
+def _rewards_of_rows(teacher_config, teacher_params, student_config, student_params, batch: RewardBatch, *,
+                     reward_config, chunk_size):
+  b = RewardBatch(*(sharding.constrain(x, ("batch",) + ("length",) * (x.ndim - 1)) for x in batch))
+  lt_BT = logprobs.token_logprobs(teacher_config, teacher_params, b.teacher_ids, b.teacher_mask,
+                                  temperature=reward_config.teacher_temperature, chunk_size=chunk_size)
+  ls_BS = logprobs.token_logprobs(student_config, student_params, b.student_ids, b.student_mask,
+                                  temperature=reward_config.student_temperature, chunk_size=chunk_size)
+  N = min(b.teacher_ids.shape[1], b.student_ids.shape[1])
+  lt_BN, t_valid = left_align(lt_BT, b.teacher_expl, N)
+  ls_BN, s_valid = left_align(ls_BS, b.student_expl, N)
+  reward, metrics = rlt_reward(ls_BS, b.solution_mask, lt_BN, ls_BN, t_valid & s_valid, b.matched, reward_config)
+  metrics["explanation_length_mismatch"] = jnp.sum(b.teacher_expl, -1) != jnp.sum(b.student_expl, -1)
   return reward, metrics, lt_BT
 
 
-def rlt_rewards(teacher_config: ModelConfig, teacher_params, student_config: ModelConfig, student_params,
-                teacher_ids, teacher_attention_mask, teacher_explanation_mask, student_ids, student_attention_mask,
-                student_explanation_mask, solution_mask, matched, reward_config: RewardConfig = RewardConfig(), *,
-                chunk_size: int = 512, micro_batch: int = 0):
-  """Rewards of a batch of teacher completions in one jitted call (configs and chunk_size static).
+_reward_rows_jit = jax.jit(reward_rows, static_argnames=("teacher_config", "student_config", "reward_config",
+                                                          "chunk_size", "micro_batch"))
 
-  teacher_ids [B, Tt]: teacher prompt + completion; teacher_explanation_mask marks the explanation tokens in it.
-  student_ids [B, Ts]: the student example; student_explanation_mask marks the same explanation tokens (same ids,
-    same order) and solution_mask the solution-content tokens. matched [B]: the explanation end tag was found.
+
+def rlt_rewards(teacher_config: ModelConfig, teacher_params, student_config: ModelConfig, student_params,
+                batch: RewardBatch, reward_config: RewardConfig = RewardConfig(), *, chunk_size: int = 512,
+                micro_batch: int = 0):
+  """Rewards of a batch of teacher completions (`RewardBatch`) in one jitted call (configs and chunk_size static).
+
   The teacher runs at `teacher_temperature` (the current policy), the student at `student_temperature`.
-  Returns (reward [B], metrics (see `rlt_reward`, plus explanation_length_mismatch), teacher log-probs [B, Tt]:
-  the per-token ℓ_t of the whole teacher sequence, which GRPO reuses as the old-policy log-probs).
+  Returns (reward [B], metrics (see `rlt_reward`, plus explanation_length_mismatch), teacher log-probs [B, T]:
+  the per-token ℓ_t of the whole teacher sequence).
   Host (NumPy) masks are checked for span/count errors before the call; device arrays only for shapes.
   micro_batch: score the rows in parts of this many (0 = all at once) inside the same call, so only one part's
   activations are live: a step's 1,024 rows of 32k tokens do not fit a device at once. B must divide into parts,
@@ -296,33 +250,30 @@ def rlt_rewards(teacher_config: ModelConfig, teacher_params, student_config: Mod
     raise TypeError("rlt_rewards: teacher_config and student_config must be ModelConfig")
   if not isinstance(reward_config, RewardConfig):
     raise TypeError(f"rlt_rewards: reward_config must be a RewardConfig, got {type(reward_config).__name__}")
-  t_args = dict(teacher_ids=teacher_ids, teacher_attention_mask=teacher_attention_mask,
-                teacher_explanation_mask=teacher_explanation_mask)
-  s_args = dict(student_ids=student_ids, student_attention_mask=student_attention_mask,
-                student_explanation_mask=student_explanation_mask, solution_mask=solution_mask)
-  shapes = {k: tuple(np.shape(v)) for k, v in {**t_args, **s_args, "matched": matched}.items()}
-  for group in (t_args, s_args):
-    first = next(iter(group))
+  if not isinstance(batch, RewardBatch):
+    raise TypeError(f"rlt_rewards: batch must be a RewardBatch, got {type(batch).__name__}")
+  shapes = {k: tuple(np.shape(v)) for k, v in batch._asdict().items()}
+  for group in (("teacher_ids", "teacher_mask", "teacher_expl"),
+                ("student_ids", "student_mask", "student_expl", "solution_mask")):
     for k in group:
-      if len(shapes[k]) != 2 or shapes[k] != shapes[first]:
-        raise ValueError(f"rlt_rewards: {k} has shape {shapes[k]}, expected {shapes[first]} like {first} ([B, T])")
+      if len(shapes[k]) != 2 or shapes[k] != shapes[group[0]]:
+        raise ValueError(f"rlt_rewards: {k} has shape {shapes[k]}, expected {shapes[group[0]]} like {group[0]} "
+                         "([B, T])")
   B = shapes["teacher_ids"][0]
   if shapes["student_ids"][0] != B or shapes["matched"] != (B,):
     raise ValueError(f"rlt_rewards: batch sizes differ: teacher_ids {shapes['teacher_ids']}, student_ids "
                      f"{shapes['student_ids']}, matched {shapes['matched']}")
   if micro_batch and micro_batch < B and B % micro_batch:
     raise ValueError(f"rlt_rewards: micro_batch={micro_batch} does not divide the batch of {B} rows")
-  host = {k: v for k, v in {**t_args, **s_args}.items() if isinstance(v, np.ndarray)}
-  if len(host) == len(t_args) + len(s_args):
-    _check_host_inputs(teacher_config, student_config, host)
-  return _rlt_rewards_jit(teacher_config, teacher_params, student_config, student_params, teacher_ids,
-                          teacher_attention_mask, teacher_explanation_mask, student_ids, student_attention_mask,
-                          student_explanation_mask, solution_mask, matched, reward_config, int(chunk_size),
-                          int(micro_batch))
+  if all(isinstance(v, np.ndarray) for v in batch[:7]):
+    _check_host_inputs(teacher_config, student_config, batch)
+  return _reward_rows_jit(teacher_config, teacher_params, student_config, student_params, batch, reward_config,
+                          chunk_size=int(chunk_size), micro_batch=int(micro_batch))
 
 
-def _check_host_inputs(teacher_config, student_config, a: dict) -> None:
+def _check_host_inputs(teacher_config, student_config, b: RewardBatch) -> None:
   """Span errors that would silently give a wrong reward inside jit, reported with the offending row."""
+  a = b._asdict()
   for side, cfg in (("teacher", teacher_config), ("student", student_config)):
     ids = a[f"{side}_ids"]
     bad = np.argwhere((ids < 0) | (ids >= cfg.vocab_size))
@@ -330,25 +281,25 @@ def _check_host_inputs(teacher_config, student_config, a: dict) -> None:
       r, t = bad[0]
       raise ValueError(f"rlt_rewards: {side}_ids[{r}, {t}]={ids[r, t]} is outside the vocabulary "
                        f"(vocab_size={cfg.vocab_size})")
-    att = a[f"{side}_attention_mask"].astype(bool)
+    att = a[f"{side}_mask"].astype(bool)
     # A span token needs a real token before it: position 0 and the first token of a left-padded row have no log-prob.
     scored = att & np.pad(att[:, :-1], ((0, 0), (1, 0)))
-    for name in [f"{side}_explanation_mask"] + (["solution_mask"] if side == "student" else []):
+    for name in [f"{side}_expl"] + (["solution_mask"] if side == "student" else []):
       bad = np.argwhere(a[name].astype(bool) & ~scored)
       if bad.size:
         r, t = bad[0]
         raise ValueError(f"rlt_rewards: {name}[{r}, {t}] is set, but position {t} is padding or has no real token "
                          "before it, so it has no log-prob")
-  nt = a["teacher_explanation_mask"].astype(bool).sum(-1)
-  ns = a["student_explanation_mask"].astype(bool).sum(-1)
+  nt = a["teacher_expl"].astype(bool).sum(-1)
+  ns = a["student_expl"].astype(bool).sum(-1)
   if (nt != ns).any():
     r = int(np.argmax(nt != ns))
-    raise ValueError(f"rlt_rewards: row {r}: teacher_explanation_mask marks {nt[r]} tokens but "
-                     f"student_explanation_mask marks {ns[r]}; they must mark the same explanation tokens")
+    raise ValueError(f"rlt_rewards: row {r}: teacher_expl marks {nt[r]} tokens but "
+                     f"student_expl marks {ns[r]}; they must mark the same explanation tokens")
   width = max(int(nt.max(initial=0)), 1)
-  t_ids = np.take_along_axis(a["teacher_ids"], np.argsort(~a["teacher_explanation_mask"].astype(bool), -1,
+  t_ids = np.take_along_axis(a["teacher_ids"], np.argsort(~a["teacher_expl"].astype(bool), -1,
                                                           kind="stable")[:, :width], -1)
-  s_ids = np.take_along_axis(a["student_ids"], np.argsort(~a["student_explanation_mask"].astype(bool), -1,
+  s_ids = np.take_along_axis(a["student_ids"], np.argsort(~a["student_expl"].astype(bool), -1,
                                                           kind="stable")[:, :width], -1)
   bad = np.argwhere((t_ids != s_ids) & (np.arange(width)[None, :] < nt[:, None]))
   if bad.size:

@@ -5,7 +5,8 @@ The sampler reads whatever params pytree it is given, on the context mesh (`shar
 rollout copy of the teacher (`rollout`): the compute-dtype params laid out for generation once a step, replicated
 over the rows' devices and split over tensor, so that the decode loop gathers no weights.
 
-Shapes: B prompts, M samples per prompt (`num_samples`), R = B·M rows, P prompt length, T `max_new_tokens`, V vocab.
+Shape letters: docs/architecture.md's glossary (B prompts, G samples per prompt (`num_samples`), R = B·G rows,
+P prompt length, T `max_new_tokens`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import math
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlt_jax.decode import WHOLE, PromptCache, SampleOutput, Schedule, decode, kv_cache_bytes, prefill
@@ -38,7 +38,7 @@ def sample(config: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new
   schedule: how the decode loop sheds finished rows and unwritten cache slots (`decode.Schedule`); it changes the
     cost, never the tokens (`decode.WHOLE` is the loop without either).
   Under `sharding.use_mesh`, rows are sharded over the "batch" rule and heads over tensor, with params as
-  `checkpoint.load_hf(..., mesh=...)` or `train.rollout_params` place them.
+  `hf_checkpoint.load_hf(..., mesh=...)` or the RL step's rollout copy (`rl_step.make_step`) place them.
   """
   max_new_tokens, num_samples = _check_int("max_new_tokens", max_new_tokens), _check_int("num_samples", num_samples)
   temperature = float(temperature)
@@ -60,8 +60,8 @@ def sample(config: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new
   greedy = temperature == 0.0
   use_top_p = not greedy and top_p is not None and float(top_p) < 1.0
   cache, logits = prefill(config, params, prompt_ids, prompt_mask)
-  return decode(config, params, cache, logits, rng, jnp.float32(temperature if not greedy else 1.0),
-                jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(eos_ids, jnp.int32), jnp.int32(pad_id),
+  return decode(config, params, cache, logits, rng, temperature if not greedy else 1.0,
+                1.0 if top_p is None else float(top_p), eos_ids, int(pad_id),
                 max_new_tokens=max_new_tokens, num_samples=num_samples, greedy=greedy,
                 top_k=None if greedy or top_k is None else int(top_k), use_top_p=use_top_p,
                 schedule=_check_schedule(schedule))
@@ -81,11 +81,9 @@ def _check_int(name: str, value) -> int:
 
 
 def _check_prompts(prompt_ids, prompt_mask, vocab_size: int) -> None:
-  """Shape/padding checks with row numbers, done on the host when the inputs are concrete."""
-  arrays = (prompt_ids, prompt_mask)
-  if any(isinstance(a, jax.core.Tracer) or (isinstance(a, jax.Array) and not a.is_fully_addressable)
-         for a in arrays):
-    return  # traced or multi-process global arrays: nothing to read here; the caller owns the layout
+  """Shape/padding checks with row numbers, done on the host when the inputs are host arrays."""
+  if any(isinstance(a, jax.Array) for a in (prompt_ids, prompt_mask)):
+    return  # device arrays (RL's uploaded prompts): reading them back would be a transfer; the caller owns them
   ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
   if ids.ndim != 2 or ids.shape != mask.shape or 0 in ids.shape:
     raise ValueError(f"sampling.sample: prompt_ids {ids.shape} and prompt_mask {mask.shape} must be the same "

@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import math
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +24,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlt_jax import checkpoint, data, grpo, metrics, preflight, rewards, run_setup, sharding
+from rlt_jax import checkpointing, cli, data, hf_checkpoint, loading, loop, metrics, optim, preflight, run_config, \
+    sharding
+from rlt_jax.models import logprobs
 from rlt_jax.models.config import ModelConfig
 
-ConfigError = run_setup.ConfigError
+ConfigError = run_config.ConfigError
 KINDS = {"teacher": "teacher_sft", "student": "student_sft"}
 
 
@@ -41,7 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model_path = ""          # HF model dir to start from (required unless tiny_models)
   c.tokenizer_path = ""      # "" = the model's directory
   c.tiny_models = False      # True with an empty model_path: start from the tiny local model (CPU runs, tests)
-  c.tiny = run_setup.default_config().tiny
+  c.tiny = run_config.default_config().tiny
   c.param_dtype = "float32"  # the trained params and AdamW moments (fp32 masters with a bf16 `dtype`)
   c.dtype = "float32"        # compute dtype of matmuls and activations
   c.remat = "none"           # none | full | dots
@@ -84,10 +85,10 @@ class SFTStepConfig:
 
 def sequence_loss(model: ModelConfig, params, batch, *, chunk_size: int, denominator):
   """Sum of −log p over the batch's trained tokens, divided by `denominator`. `batch`: input_ids, loss_mask,
-  segment_ids (0 = padding), positions [B, L]. A token is trained on only if it continues its own segment."""
+  segment_ids (0 = padding), positions [B, T]. A token is trained on only if it continues its own segment."""
   seg = batch["segment_ids"]
-  lp = rewards.token_logprobs(model, params, batch["input_ids"], seg > 0, positions=batch["positions"],
-                              segment_ids=seg, chunk_size=chunk_size)
+  lp = logprobs.token_logprobs(model, params, batch["input_ids"], seg > 0, positions=batch["positions"],
+                               segment_ids=seg, chunk_size=chunk_size)
   same_segment = jnp.concatenate([jnp.zeros_like(seg[:, :1], bool), seg[:, 1:] == seg[:, :-1]], axis=1)
   mask = batch["loss_mask"].astype(bool) & same_segment & (seg > 0)
   return -jnp.sum(jnp.where(mask, lp, 0.0)) / denominator, jnp.sum(mask)
@@ -100,7 +101,7 @@ def _sft_step(sc: SFTStepConfig, optimizer, schedule, state, batch):
     loss, n = sequence_loss(sc.model, params, b, chunk_size=sc.chunk_size, denominator=denominator)
     return loss, {"loss": loss * sc.micro_batches, "tokens": n * sc.micro_batches}  # averaged over parts later
 
-  grads, m = grpo.accumulate_gradients(loss_fn, state["params"], batch, sc.micro_batches)
+  grads, m = optim.accumulate_gradients(loss_fn, state["params"], batch, sc.micro_batches)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
   params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
@@ -109,7 +110,7 @@ def _sft_step(sc: SFTStepConfig, optimizer, schedule, state, batch):
 
 
 def validate(cfg) -> None:
-  need = run_setup.requirer(cfg)
+  need = run_config.Checker(cfg).need
   need(cfg.kind in KINDS, "kind", f"must be one of {sorted(KINDS)}")
   for f in ("max_len", "batch_size", "micro_batches", "logprob_chunk_size", "checkpoint_every", "keep_checkpoints"):
     need(int(cfg[f]) >= 1, f, "must be >= 1")
@@ -119,14 +120,14 @@ def validate(cfg) -> None:
   need((cfg.batch_size // jax.process_count()) % cfg.micro_batches == 0, "micro_batches",
        f"must divide the per-process batch {cfg.batch_size // jax.process_count()}")
   need(0 <= cfg.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
-  need(cfg.lr_schedule in grpo.LR_SCHEDULES, "lr_schedule", f"must be one of {grpo.LR_SCHEDULES}")
+  need(cfg.lr_schedule in optim.LR_SCHEDULES, "lr_schedule", f"must be one of {optim.LR_SCHEDULES}")
   for f in ("model_path", "tokenizer_path"):
     need(not cfg[f] or os.path.isdir(cfg[f]), f, "is not a directory")
   need(not cfg.model_path or os.path.isfile(os.path.join(cfg.model_path, "config.json")), "model_path",
        "has no config.json (a Hugging Face model directory is expected)")
   need(bool(cfg.model_path) or cfg.tiny_models, "model_path",
        "is required (a Hugging Face model directory), unless config.tiny_models=True")
-  run_setup.check_common(cfg, need, lr_field="learning_rate", learning_rate=cfg.learning_rate)
+  run_config.check_common(cfg, need, lr_field="learning_rate", learning_rate=cfg.learning_rate)
 
 
 def _buckets(cfg) -> tuple[int, ...]:
@@ -176,13 +177,53 @@ def _load(cfg, workdir):
   """(tokenizer, format, mesh, rules, model config, params) from the config (the tiny model when asked)."""
   model_path, tok_path = cfg.model_path, cfg.tokenizer_path or cfg.model_path
   if not model_path:
-    paths = run_setup.tiny_model_paths(cfg, workdir)
+    paths = loading.tiny_model_paths(cfg, workdir)
     model_path, tok_path = paths[cfg.kind], paths["tokenizer"]
-  tokenizer = checkpoint.load_tokenizer(tok_path)
-  mesh, rules = run_setup.make_mesh(cfg)
+  tokenizer = hf_checkpoint.load_tokenizer(tok_path)
+  mesh, rules = loading.make_mesh(cfg)
   preflight.check(cfg, mesh, kind="sft")  # before any weights load
-  mc, params = run_setup.load_model(cfg, model_path, tokenizer, mesh, rules, dtype=cfg.dtype, remat=cfg.remat)
-  return tokenizer, run_setup.make_format(cfg, tokenizer), mesh, rules, mc, params
+  mc, params = loading.load_model(cfg, model_path, tokenizer, mesh, rules, dtype=cfg.dtype, remat=cfg.remat)
+  return tokenizer, loading.make_format(cfg, tokenizer), mesh, rules, mc, params
+
+
+class SFTTrainer:
+  """`loop.Trainer` for SFT: each step's batch is uploaded once (rows split over the batch axes) and trained on by
+  one program; its metrics are read back a step late."""
+
+  def __init__(self, cfg, fmt, state, it, stats: data.RowStats, step_fn, batch_sharding, mesh, rules):
+    self.cfg, self.fmt, self.state, self.it, self.stats, self.step_fn = cfg, fmt, state, it, stats, step_fn
+    self.batch_sharding, self.mesh, self.rules = batch_sharding, mesh, rules
+    self.rows = cfg.batch_size // jax.process_count()
+
+  def dispatch(self, step: int):
+    try:
+      batch = next(self.it)
+      batch = _fill(batch, self.rows, self.fmt.pad_id) if len(batch["input_ids"]) < self.rows else batch
+    except StopIteration:  # another process has more sequences left (see count_steps)
+      batch = _empty_batch(self.rows, _buckets(self.cfg)[0], self.fmt.pad_id)
+    batch.pop("attention_mask", None)
+    # This process's rows, each array uploaded once: the global batch is every process's rows.
+    # (Its host-to-device copies are this explicit upload, allowed by name: with several processes jax routes
+    # them through a path the transfer guard would count as implicit.)
+    with jax.transfer_guard_host_to_device("allow"):
+      dev = {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
+    with sharding.use_mesh(self.mesh, self.rules):
+      self.state, m = self.step_fn(self.state, dev)
+    seg = batch["segment_ids"] > 0
+    return m, dict(tokens=float(np.sum(seg)), fill=float(np.mean(seg)), rows_used=self.stats.total_ok,
+                   rows_skipped=sum(self.stats.total_bad.values()))
+
+  def report(self, step: int, out, seconds: float):
+    m, host = out
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    tokens = host.pop("tokens")
+    return dict(m, tokens_per_s=tokens / max(seconds, 1e-9), **host), None
+
+  def check(self, step: int, metrics: dict) -> None:  # SFT has no stop condition of its own
+    pass
+
+  def data_state(self) -> dict:
+    return self.it.get_state()
 
 
 def run(cfg, workdir: str, *, on_step=None) -> dict:
@@ -194,18 +235,18 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   tokenizer, fmt, mesh, rules, mc, params = _load(cfg, workdir)
   total = int(cfg.steps) or count_steps(cfg, fmt)
   warmup = int(math.ceil(cfg.warmup_ratio * total))
-  opt_cfg = grpo.GRPOConfig(learning_rate=cfg.learning_rate, lr_schedule=cfg.lr_schedule, warmup_steps=warmup,
-                            total_steps=total, weight_decay=cfg.weight_decay, b1=cfg.b1, b2=cfg.b2,
-                            adam_eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm)
-  optimizer, schedule = grpo.make_optimizer(opt_cfg), grpo.learning_rate_schedule(opt_cfg)
+  opt_cfg = optim.OptimConfig(learning_rate=cfg.learning_rate, lr_schedule=cfg.lr_schedule, warmup_steps=warmup,
+                              total_steps=total, weight_decay=cfg.weight_decay, b1=cfg.b1, b2=cfg.b2,
+                              adam_eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm)
+  optimizer, schedule = optim.make_optimizer(opt_cfg), optim.learning_rate_schedule(opt_cfg)
   sc = SFTStepConfig(mc, int(cfg.logprob_chunk_size), int(cfg.micro_batches))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state = {"params": params, "opt_state": grpo.init_optimizer_state(optimizer, params),
+  state = {"params": params, "opt_state": optim.init_state(optimizer, params),
            "step": jnp.zeros((), jnp.int32)}
   state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
                        else jax.device_put(x, replicated), state)
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  batch_sharding = sharding.batch_sharding(mesh, 2, rules)  # every batch array is [B, L]
+  batch_sharding = sharding.batch_sharding(mesh, 2, rules)  # every batch array is [B, T]
   axes = batch_sharding.spec[0] or ()
   shards = math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
   if (cfg.batch_size // cfg.micro_batches) % shards:
@@ -213,48 +254,24 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
                       f"sequences must split over the {shards} devices of the mesh's batch axes")
   step_fn = jax.jit(lambda s, b: _sft_step(sc, optimizer, schedule, s, b), donate_argnums=0,
                     in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
-  ckpt = run_setup.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
   state, data_state = ckpt.restore_latest(state, resume=cfg.resume)
   stats = data.RowStats()
   it = iter(_dataset(cfg, fmt, num_epochs=None if cfg.steps else cfg.epochs, stats=stats))
   if data_state is not None:
     it.set_state(data_state)
-  start, rows = int(state["step"]), cfg.batch_size // jax.process_count()
+  start = int(jax.device_get(state["step"]))
   writer = metrics.RunWriter(workdir, resume_step=start, tensorboard=cfg.tensorboard)
-  bar = run_setup.progress(total, start, desc=f"sft/{cfg.kind}")
-  last = {}
-  try:
-    for step in range(start, total):
-      t0 = time.perf_counter()
-      try:
-        batch = next(it)
-        batch = _fill(batch, rows, fmt.pad_id) if len(batch["input_ids"]) < rows else batch
-      except StopIteration:  # another process has more sequences left (see count_steps)
-        batch = _empty_batch(rows, _buckets(cfg)[0], fmt.pad_id)
-      batch.pop("attention_mask", None)
-      with sharding.use_mesh(mesh, rules):
-        state, m = step_fn(state, batch)
-      m = {k: float(v) for k, v in jax.device_get(m).items()}
-      dt = time.perf_counter() - t0
-      last = dict(m, tokens_per_s=float(np.sum(batch["segment_ids"] > 0)) / dt,
-                  fill=float(np.mean(batch["segment_ids"] > 0)), rows_used=stats.total_ok,
-                  rows_skipped=sum(stats.total_bad.values()))
-      writer.write(step + 1, last)
-      bar.update(1)
-      bar.set_postfix(loss=f"{m['loss']:.4f}")
-      if on_step is not None:
-        on_step(step + 1, last)
-      if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
-        ckpt.save(step + 1, state, it.get_state())
-  finally:  # an exception (or Ctrl-C) still finishes the checkpoint in flight
-    ckpt.wait()
-    bar.close()
-  writer.close()
+  trainer = SFTTrainer(cfg, fmt, state, it, stats, step_fn, batch_sharding, mesh, rules)
+  last = loop.run(trainer, start=start, total=total, checkpoint_every=cfg.checkpoint_every, ckpt=ckpt, writer=writer,
+                  bar=loop.progress(total, start, desc=f"sft/{cfg.kind}"), on_step=on_step,
+                  postfix=lambda m: dict(loss=f"{m['loss']:.4f}"))
+  state = trainer.state
   if stats.total_bad:
     logging.getLogger("rlt_jax").warning("sft: rows skipped: %s", dict(stats.total_bad))
   if cfg.export_dir:
-    checkpoint.save_hf(mc, state["params"], os.path.join(workdir, cfg.export_dir), tokenizer=tokenizer,
-                       dtype=cfg.export_dtype or None)
+    hf_checkpoint.save_hf(mc, state["params"], os.path.join(workdir, cfg.export_dir), tokenizer=tokenizer,
+                          dtype=cfg.export_dtype or None)
   if jax.process_index() == 0 and last:
     print(f"\nrlt_jax.sft ({cfg.kind}): {total} steps, last loss {last['loss']:.4f}; rows used "
           f"{stats.total_ok}, skipped {dict(stats.total_bad) or 0}; model: "
@@ -264,4 +281,4 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
 
 
 if __name__ == "__main__":
-  run_setup.cli(run)
+  cli.cli(run)

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlt_jax import checkpoint, data, formats, rewards
-from rlt_jax.models import init_params
+from rlt_jax import data, formats, hf_checkpoint
+from rlt_jax.models import init_params, logprobs
 from rlt_jax.models.config import ModelConfig
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -54,7 +54,7 @@ def build_tokenizer(path: str | os.PathLike, texts: Iterable[str], vocab_size: i
       additional_special_tokens=["<|im_start|>"], clean_up_tokenization_spaces=False)
   fast.chat_template = CHATML_TEMPLATE
   fast.save_pretrained(os.fspath(path))
-  return checkpoint.load_tokenizer(path)
+  return hf_checkpoint.load_tokenizer(path)
 
 
 def tiny_config(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
@@ -86,7 +86,7 @@ def warmup(config: ModelConfig, params, examples: list[formats.SFTExample], *, s
   @jax.jit
   def step(params, opt_state, ids, mask, loss_mask):
     def loss_fn(p):
-      lp = rewards.token_logprobs(config, p, ids, mask, chunk_size=256)
+      lp = logprobs.token_logprobs(config, p, ids, mask, chunk_size=256)
       return -jnp.sum(lp * loss_mask) / jnp.maximum(jnp.sum(loss_mask), 1)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = opt.update(grads, opt_state, params)
@@ -120,7 +120,7 @@ def ensure_assets(directory: str | os.PathLike, rows: list[dict], *, vocab_size:
     fmt = formats.RLTFormat(tok, **(format_overrides or {}))
     params, loss = warmup(config, params, warmup_rows(fmt, rows), steps=warmup_steps, seed=seed)
   for name in ("teacher", "student"):
-    checkpoint.save_hf(config, params, paths[name], tokenizer=tok)
+    hf_checkpoint.save_hf(config, params, paths[name], tokenizer=tok)
   with open(done + ".tmp", "w") as f:
     json.dump({"vocab_size": len(tok), "warmup_steps": warmup_steps, "warmup_loss": loss, **shape}, f)
   os.replace(done + ".tmp", done)  # written last: a run killed mid-build rebuilds everything

@@ -30,8 +30,8 @@ def qwen_dir(shared_data) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tok(qwen_dir):
   """The real Qwen2.5 tokenizer."""
-  from rlt_jax import checkpoint
-  return checkpoint.load_tokenizer(qwen_dir)
+  from rlt_jax import hf_checkpoint
+  return hf_checkpoint.load_tokenizer(qwen_dir)
 
 
 @pytest.fixture(scope="session")
@@ -65,8 +65,8 @@ def set_fields(cfg, overrides: dict):
 def assets(tmp_path_factory):
   """The default tiny run's tokenizer, teacher and student (built once per test session, as the run builds them)."""
   import json
-  from rlt_jax import data, formats, tiny
+  from rlt_jax import data, rows, tiny
   cfg = tiny_module_config()
-  rows = [formats.read_row(json.loads(line)) for line in open(data.SAMPLE_PATH)]
+  sample = [rows.read_row(json.loads(line)) for line in open(data.SAMPLE_PATH)]
   overrides = {k: v for k, v in cfg.format.to_dict().items() if v}
-  return tiny.ensure_assets(tmp_path_factory.mktemp("assets"), rows, format_overrides=overrides, **cfg.tiny.to_dict())
+  return tiny.ensure_assets(tmp_path_factory.mktemp("assets"), sample, format_overrides=overrides, **cfg.tiny.to_dict())

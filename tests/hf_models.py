@@ -1,4 +1,5 @@
-"""Tiny random transformers models (the PyTorch oracle), saved locally. No network."""
+"""Tiny random transformers models (the PyTorch oracle), saved locally, and NumPy log-probs from logits. No network."""
+import numpy as np
 import torch
 import transformers
 
@@ -33,3 +34,15 @@ def hf_logits(model, ids, mask):
   pos = (mask.cumsum(-1) - 1).clamp(min=0)
   with torch.no_grad():
     return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float().numpy()
+
+
+def np_log_softmax(z):
+  z = np.asarray(z, np.float64)
+  m = z.max(-1, keepdims=True)
+  return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+def np_token_logprobs(logits_BTV, ids_BT, temperature):
+  ls = np_log_softmax(np.asarray(logits_BTV, np.float64) / temperature)
+  picked = np.take_along_axis(ls[:, :-1], np.asarray(ids_BT)[:, 1:, None], -1)[..., 0]
+  return np.concatenate([np.zeros((ids_BT.shape[0], 1)), picked], 1)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, set_fields
-from rlt_jax import checkpoint, data, distill, formats, tiny
+from rlt_jax import data, distill, formats, hf_checkpoint, rows, tiny
 
 
 def test_choose_prefers_matched_then_fitting_then_reward_lowest_index_on_ties():
@@ -43,15 +43,15 @@ def test_rows_read_back_and_every_item_is_written_once(assets, tmp_path):
   src.write_text("\n".join(sample) + "\n")
   cfg = _config(assets, **{"data.path": str(src), "distill.student_context": 300})
   counts = distill.run(cfg, str(tmp_path / "out"))
-  rows, skipped = _lines(tmp_path / "out" / "distill.jsonl"), _lines(tmp_path / "out" / "skipped.jsonl")
-  assert sorted([r["index"] for r in rows] + [s["index"] for s in skipped]) == list(range(8))
-  assert counts == {"rows": len(rows), "skipped": len(skipped), "total": 8}
+  written, skipped = _lines(tmp_path / "out" / "distill.jsonl"), _lines(tmp_path / "out" / "skipped.jsonl")
+  assert sorted([r["index"] for r in written] + [s["index"] for s in skipped]) == list(range(8))
+  assert counts == {"rows": len(written), "skipped": len(skipped), "total": 8}
   assert {"index": 3, "reason": "missing_field"}.items() <= skipped[0].items() and skipped[0]["where"].endswith(":4")
-  fmt = formats.RLTFormat(checkpoint.load_tokenizer(assets["tokenizer"]), teacher_system=cfg.format.teacher_system,
+  fmt = formats.RLTFormat(hf_checkpoint.load_tokenizer(assets["tokenizer"]), teacher_system=cfg.format.teacher_system,
                           student_system=cfg.format.student_system)
-  for r in rows:
-    original = formats.read_row(json.loads(sample[r["index"]]))
-    back = formats.read_row(r)                                       # the Stratos reader (auto-detected)
+  for r in written:
+    original = rows.read_row(json.loads(sample[r["index"]]))
+    back = rows.read_row(r)                                       # the Stratos reader (auto-detected)
     assert (back["question"], back["solution"], back["reasoning"] or "") == \
         (original["question"], original["solution"], r["reasoning_trace"])
     assert back["system"] == fmt.student_system
@@ -59,16 +59,16 @@ def test_rows_read_back_and_every_item_is_written_once(assets, tmp_path):
     assert r["candidate"] == distill.choose(r["candidate_matched"], r["candidate_fits"], r["candidate_rewards"])
     assert r["reward"] == r["candidate_rewards"][r["candidate"]] and r["fits"] == (r["student_len"] <= 300)
     np.testing.assert_allclose(r["reward"], r["r_ss"] - r["r_kl"] - (0 if r["matched"] else 1), atol=1e-4)
-  # The datasets folder holds the same rows and feeds student SFT batches.
+  # The datasets folder holds the same written and feeds student SFT batches.
   import datasets
   ds = datasets.load_from_disk(str(tmp_path / "out" / "dataset"))
-  assert sorted(ds["index"]) == sorted(r["index"] for r in rows)
+  assert sorted(ds["index"]) == sorted(r["index"] for r in written)
   batch = next(iter(data.make_dataset([str(tmp_path / "out" / "dataset")], fmt, kind="student_sft", batch_size=2,
                                       buckets=(1024,), num_epochs=1, process_index=0, process_count=1)))
   assert batch["loss_mask"].any(axis=1).all()
   # A second run with the same command finds nothing left to do and writes nothing twice.
   distill.run(cfg, str(tmp_path / "out"))
-  assert len(_lines(tmp_path / "out" / "distill.jsonl")) == len(rows)
+  assert len(_lines(tmp_path / "out" / "distill.jsonl")) == len(written)
 
 
 def test_drop_rule_and_torn_last_line(assets, tmp_path):

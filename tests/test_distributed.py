@@ -1,9 +1,8 @@
 """Multi-process runs: how the setup is read from flags and the environment (Slurm node lists, TPU pods, explicit
-flags), the re-dealing of data positions across process counts (against real data iterators), and real RL runs of
-2 processes × 4 CPU devices on localhost, started with launch/local_multiprocess.sh, against this process's 8 devices:
-the same losses, rows and params; checkpoints that move between 1 and 2 processes bit for bit; every row read once."""
+flags), and real RL runs of 2 processes × 4 CPU devices on localhost, started with launch/local_multiprocess.sh,
+against this process's 8 devices: the same losses, rows and params; checkpoints that move between 1 and 2 processes
+bit for bit; every row read once. (The re-dealing of data positions across process counts: test_checkpointing.py.)"""
 import json
-import logging
 import os
 import re
 import shutil
@@ -17,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO, set_fields, tiny_module_config
-from rlt_jax import checkpoint, data, distributed, run_setup, train
+from rlt_jax import distributed, hf_checkpoint, sharding, train
 from rlt_jax.distributed import DistributedError, Plan
 
 
@@ -78,8 +77,13 @@ def test_one_process_needs_no_initialization_and_keeps_host_data_as_it_is():
   batch = {"ids": np.arange(6).reshape(3, 2), "where": ["a", "b", "c"]}
   assert distributed.gather_rows(batch) is batch
   assert distributed.allgather_objects({"x": 1}) == [{"x": 1}]
-  x = np.arange(8)
-  assert distributed.global_rows(x, None) is x
+  # One process: rows are uploaded explicitly (jax.device_put), split over the mesh's batch axes.
+  x = np.arange(16).reshape(8, 2)
+  mesh = sharding.make_mesh(dict(data=1, fsdp=8, tensor=1))
+  with jax.transfer_guard("disallow"):
+    y = distributed.global_rows(x, mesh)
+  assert isinstance(y, jax.Array) and y.sharding.spec == sharding.batch_sharding(mesh, 2).spec
+  np.testing.assert_array_equal(np.asarray(y), x)
 
 
 _SLURM_TASK = """
@@ -127,50 +131,6 @@ def test_a_two_task_slurm_job_on_localhost_connects_and_gathers_rows_in_stream_o
     assert g["where"] == ["p0r0", "p1r0", "p0r1", "p1r1"]
     assert g["shards"] == [[2, 2], [2, 2]]  # 8 rows over fsdp=4: each device receives its 2 rows only
     assert g["doubled"] == (np.arange(16).reshape(8, 2) * 2).tolist()
-
-
-# ----------------------------------------------------------------------------------------- data positions moved
-def _iterators(fmt, count: int, prompts: int):
-  """One data iterator per process of a `count`-process run reading `prompts` prompts a step in all."""
-  return [iter(data.make_dataset([str(data.SAMPLE_PATH)], fmt, batch_size=prompts // count, buckets=(4096,),
-                                 seed=5, num_epochs=None, process_index=p, process_count=count))
-          for p in range(count)]
-
-
-@pytest.mark.parametrize("old,new", [(2, 1), (1, 2), (2, 4), (4, 2)])
-def test_data_position_re_dealt_to_another_process_count_continues_the_stream(fmt, old, new):
-  prompts, steps = 4, 3
-  (single,) = _iterators(fmt, 1, prompts * 2 * steps)
-  stream = next(single)["where"]  # the oracle: one process reading the whole stream
-  its = _iterators(fmt, old, prompts)
-  seen = []
-  for _ in range(steps):
-    for it in its:
-      seen += next(it)["where"]
-  assert sorted(seen) == sorted(stream[:prompts * steps])
-  states = run_setup.redeal_data_states([it.get_state() for it in its], new)
-  moved = _iterators(fmt, new, prompts)
-  for it, s in zip(moved, states):
-    it.set_state(s)
-  later = [w for _ in range(steps) for it in moved for w in next(it)["where"]]
-  assert sorted(later) == sorted(stream[prompts * steps:])  # nothing read twice, nothing skipped
-  assert states[0]["rows"]["total_ok"] == prompts * steps and all(s["rows"]["total_ok"] == 0 for s in states[1:])
-
-
-def test_uneven_data_positions_read_the_gap_again_and_bad_states_are_named(caplog):
-  def state(taken, ok):
-    return {"parent": {"next_index": taken}, "rows": dict(epoch=0, ok=ok, bad={"too_long": 1}, total_ok=ok,
-                                                          total_bad={"too_long": 1}, examples={"too_long": ["f:1"]},
-                                                          reported=-1)}
-  # Process 0 took elements 0, 2, 4, 6; process 1 took 1, 3: the first element not taken is 5, and 6 is read again.
-  with caplog.at_level(logging.WARNING, logger="rlt_jax"):
-    (one,) = run_setup.redeal_data_states([state(4, 3), state(2, 1)], 1)
-  assert one["parent"]["next_index"] == 5
-  assert "data: 1 rows taken by some of the 2 old processes are read again by the 1 new ones" in caplog.text
-  assert one["rows"]["total_ok"] == 4 and one["rows"]["bad"] == {"too_long": 2}
-  assert [s["parent"]["next_index"] for s in run_setup.redeal_data_states([state(4, 3), state(2, 1)], 3)] == [2, 2, 1]
-  with pytest.raises(run_setup.ConfigError, match=r"written by 2 processes\) cannot be re-dealt to 1"):
-    run_setup.redeal_data_states([{"parent": {}}, {"parent": {}}], 1)
 
 
 # ----------------------------------------------------------------------------------------- real 2-process runs
@@ -273,7 +233,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(runs):
 def test_checkpoints_move_between_one_and_two_processes_bit_for_bit(runs):
   for source, resumed in (("two", "two_then_one"), ("one", "one_then_two")):
     saved = _params(runs / source / "checkpoints" / "1")
-    _, exported = checkpoint.load_hf(runs / resumed / "restored")
+    _, exported = hf_checkpoint.load_hf(runs / resumed / "restored")
     jax.tree.map(np.testing.assert_array_equal, exported, saved)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from rlt_jax import checkpoint, data, evaluate, formats, grading
+from rlt_jax import data, evaluate, formats, grading, hf_checkpoint
 from rlt_jax.models import qwen2
 
 _forward = jax.jit(qwen2.forward, static_argnums=0)
@@ -96,8 +96,8 @@ def test_greedy_sample_eval_matches_forward_argmax_and_regrading(assets, tmp_pat
   assert [r["gold"] for r in rows] == [s["answer"].split("####")[-1].strip().replace(",", "") for s in sample]
   assert [r["where"] for r in rows] == [f"{data.SAMPLE_PATH}:{i + 1}" for i in range(8)]
 
-  tok = checkpoint.load_tokenizer(assets["tokenizer"])
-  config, params = checkpoint.load_hf(assets["student"])
+  tok = hf_checkpoint.load_tokenizer(assets["tokenizer"])
+  config, params = hf_checkpoint.load_hf(assets["student"])
   stop = {tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id}
   for i in (0, 7):  # first batch and the padded last batch
     messages = [{"role": "system", "content": cfg.format.student_system},
@@ -114,9 +114,9 @@ def boxed7(assets, tmp_path_factory):
   """A model that replies "\\boxed{7}" to any student prompt, built by hand from the tiny student: with every layer's
   output projections zeroed, the logits depend on the current token only, and an untied output head maps each token
   of the chain  <last prompt token> → \\boxed{7} → <|im_end|>  to the next one."""
-  tok = checkpoint.load_tokenizer(assets["tokenizer"])
+  tok = hf_checkpoint.load_tokenizer(assets["tokenizer"])
   fmt = formats.RLTFormat(tok, student_system=eval_tiny_config().format.student_system)
-  config, params = checkpoint.load_hf(assets["student"])
+  config, params = hf_checkpoint.load_hf(assets["student"])
   params = jax.tree.map(np.array, params)
   last_prompt_id = int(tok(fmt.student_prompt_text("q"), add_special_tokens=False)["input_ids"][-1])
   chain = [last_prompt_id, *tok("\\boxed{7}", add_special_tokens=False)["input_ids"], fmt.eos_id]
@@ -130,7 +130,7 @@ def boxed7(assets, tmp_path_factory):
     head_DV[i, dst] = 5.0
   params["lm_head"] = {"kernel": head_DV}
   path = tmp_path_factory.mktemp("boxed7")
-  checkpoint.save_hf(config.replace(tie_word_embeddings=False), params, path, tokenizer=tok)
+  hf_checkpoint.save_hf(config.replace(tie_word_embeddings=False), params, path, tokenizer=tok)
   return path, assets["tokenizer"]
 
 

@@ -10,7 +10,7 @@ import transformers
 from jax.sharding import PartitionSpec as P
 
 from hf_models import hf_logits, make_hf_model
-from rlt_jax import checkpoint, models, sharding
+from rlt_jax import hf_checkpoint, models, sharding
 from rlt_jax.models import qwen2
 
 jit_forward = jax.jit(models.forward, static_argnums=0)
@@ -40,7 +40,7 @@ def padded_batch(vocab, seed=0):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers(tmp_path, case):
   hf = make_hf_model(tmp_path, **CASES[case])
-  config, params = checkpoint.load_hf(tmp_path)
+  config, params = hf_checkpoint.load_hf(tmp_path)
   assert config.qkv_bias == (CASES[case]["arch"] == "qwen2" or CASES[case].get("bias", False))
   assert config.tie_word_embeddings == CASES[case]["tie"]
   assert ("lm_head" in params) == (not CASES[case]["tie"])
@@ -55,8 +55,8 @@ def test_logits_match_transformers(tmp_path, case):
 @pytest.mark.parametrize("case", ["qwen2-untied-gqa2", "llama-nobias-gqa2"])
 def test_save_hf_round_trip_through_transformers(tmp_path, case):
   hf = make_hf_model(tmp_path / "src", **CASES[case])
-  config, params = checkpoint.load_hf(tmp_path / "src")
-  checkpoint.save_hf(config, params, tmp_path / "out")
+  config, params = hf_checkpoint.load_hf(tmp_path / "src")
+  hf_checkpoint.save_hf(config, params, tmp_path / "out")
   back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
   ids, mask = padded_batch(config.vocab_size, seed=1)
   real = mask.astype(bool)
@@ -67,12 +67,12 @@ def test_save_hf_round_trip_through_transformers(tmp_path, case):
 
 def test_sharded_index_round_trip(tmp_path):
   hf = make_hf_model(tmp_path / "src", layers=3)
-  config, params = checkpoint.load_hf(tmp_path / "src")
-  checkpoint.save_hf(config, params, tmp_path / "out", max_shard_bytes=40_000)
+  config, params = hf_checkpoint.load_hf(tmp_path / "src")
+  hf_checkpoint.save_hf(config, params, tmp_path / "out", max_shard_bytes=40_000)
   index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
   assert len(set(index["weight_map"].values())) > 1
   back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-  _, params2 = checkpoint.load_hf(tmp_path / "out")
+  _, params2 = hf_checkpoint.load_hf(tmp_path / "out")
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params2)
   ids, mask = padded_batch(config.vocab_size)
   real = mask.astype(bool)
@@ -82,9 +82,9 @@ def test_sharded_index_round_trip(tmp_path):
 def test_bf16_checkpoint_and_compute(tmp_path):
   hf = make_hf_model(tmp_path / "src")
   hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-  config, params = checkpoint.load_hf(tmp_path / "bf16")
+  config, params = hf_checkpoint.load_hf(tmp_path / "bf16")
   assert params["embed"]["embedding"].dtype == jnp.float32  # upcast on load by default
-  config16, params16 = checkpoint.load_hf(tmp_path / "bf16", dtype="bfloat16")
+  config16, params16 = hf_checkpoint.load_hf(tmp_path / "bf16", dtype="bfloat16")
   assert params16["embed"]["embedding"].dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(params16["embed"]["embedding"], np.float32),
                                 np.asarray(params["embed"]["embedding"]))
@@ -101,8 +101,8 @@ def test_bf16_checkpoint_and_compute(tmp_path):
 
 def test_save_hf_writes_bf16(tmp_path):
   make_hf_model(tmp_path / "src")
-  config, params = checkpoint.load_hf(tmp_path / "src", dtype="bfloat16")
-  checkpoint.save_hf(config, params, tmp_path / "out")
+  config, params = hf_checkpoint.load_hf(tmp_path / "src", dtype="bfloat16")
+  hf_checkpoint.save_hf(config, params, tmp_path / "out")
   back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
   assert back.model.embed_tokens.weight.dtype == torch.bfloat16
   np.testing.assert_array_equal(back.model.embed_tokens.weight.detach().float().numpy(),
@@ -111,7 +111,7 @@ def test_save_hf_writes_bf16(tmp_path):
 
 def test_remat_gives_same_logits_and_grads(tmp_path):
   make_hf_model(tmp_path)
-  config, params = checkpoint.load_hf(tmp_path)
+  config, params = hf_checkpoint.load_hf(tmp_path)
   ids, mask = padded_batch(config.vocab_size)
 
   def loss(cfg, p):
@@ -170,10 +170,10 @@ def test_load_hf_names_missing_and_misshapen_tensors(tmp_path):
   cfg = json.loads((tmp_path / "config.json").read_text())
   (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
   with pytest.raises(KeyError, match="model.layers.2.input_layernorm.weight' is missing"):
-    checkpoint.load_hf(tmp_path)
+    hf_checkpoint.load_hf(tmp_path)
   (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 50}))
   with pytest.raises(ValueError, match="gate_proj.weight' has shape"):
-    checkpoint.load_hf(tmp_path)
+    hf_checkpoint.load_hf(tmp_path)
 
 
 # ----------------------------------------------------------------------------------- memory-bounded attention
@@ -196,7 +196,7 @@ def long_batch(vocab, seed=2):
 def long_model(tmp_path_factory):
   path = tmp_path_factory.mktemp("long")
   hf = make_hf_model(path)
-  config, params = checkpoint.load_hf(path)
+  config, params = hf_checkpoint.load_hf(path)
   assert BLOCK < LONG_T <= qwen2.attention_block_size(config)  # by default these 40 tokens take the dense path
   return hf, config, params
 
@@ -302,10 +302,10 @@ def test_sharded_blocked_forward_without_involuntary_remat(long_model, shape, tm
   config = config.replace(attention_block=BLOCK)
   ids, mask = long_batch(config.vocab_size)
   ids, mask = np.concatenate([ids, ids[:3]]), np.concatenate([mask, mask[:3]])  # 8 rows: divisible by the batch axes
-  _, params = checkpoint.load_hf(tmp_path)
+  _, params = hf_checkpoint.load_hf(tmp_path)
   expected = np.asarray(jit_forward(config, params, ids, mask))
   mesh = sharding.make_mesh(shape)
-  _, params = checkpoint.load_hf(tmp_path, mesh=mesh)
+  _, params = hf_checkpoint.load_hf(tmp_path, mesh=mesh)
   assert params["embed"]["embedding"].sharding.spec == P("tensor", "fsdp")
   capfd.readouterr()
   with sharding.use_mesh(mesh):

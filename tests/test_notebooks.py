@@ -93,7 +93,7 @@ def test_quickstart(assets, kernel_dir, tmp_path):
 
 
 def test_reward_api(assets, kernel_dir, tmp_path):
-  from rlt_jax import checkpoint, data, formats, rewards
+  from rlt_jax import data, formats, hf_checkpoint, rewards
   run_notebook("reward_api.ipynb", tmp_path, kernel_env(assets), kernel_dir)
   workdir = tmp_path / "rlt_runs" / "reward_api"
   rows = [json.loads(line) for line in open(workdir / "explanations.jsonl")]
@@ -108,11 +108,11 @@ def test_reward_api(assets, kernel_dir, tmp_path):
       assert [group[i][f"rank: {name}"] for i in order] == [1, 2, 3, 4], (q, name)
 
   # The first question's four candidates scored again here, alone in their batch and padded to another length.
-  tok = checkpoint.load_tokenizer(assets["tokenizer"])
+  tok = hf_checkpoint.load_tokenizer(assets["tokenizer"])
   tiny_format = tiny_module_config().format  # the notebook must use configs/tiny.py's system prompts too
   fmt = formats.RLTFormat(tok, teacher_system=tiny_format.teacher_system, student_system=tiny_format.student_system)
-  tc, tp = checkpoint.load_hf(assets["teacher"])
-  sc, sp = checkpoint.load_hf(assets["student"])
+  tc, tp = hf_checkpoint.load_hf(assets["teacher"])
+  sc, sp = hf_checkpoint.load_hf(assets["student"])
   batch = rows[:4]
   qs, sols = [r["question"] for r in batch], [r["solution"] for r in batch]
   prompts = fmt.teacher_prompts(qs, sols)
@@ -121,10 +121,10 @@ def test_reward_api(assets, kernel_dir, tmp_path):
   teacher = data.pad_right([dict(input_ids=np.concatenate([p, c]), explanation_mask=e.teacher_explanation_mask)
                             for p, c, e in zip(prompts, comps, exs)], (768,), fmt.pad_id)
   student = data.collate_students(exs, (768,), fmt.pad_id)
-  reward, metrics, _ = rewards.rlt_rewards(tc, tp, sc, sp, teacher["input_ids"], teacher["attention_mask"],
-                                           teacher["explanation_mask"], student["input_ids"],
-                                           student["attention_mask"], student["explanation_mask"],
-                                           student["solution_mask"], student["matched"], rewards.RewardConfig())
+  reward, metrics, _ = rewards.rlt_rewards(tc, tp, sc, sp, rewards.RewardBatch(
+      teacher["input_ids"], teacher["attention_mask"], teacher["explanation_mask"], student["input_ids"],
+      student["attention_mask"], student["explanation_mask"], student["solution_mask"], student["matched"]),
+      rewards.RewardConfig())
   np.testing.assert_allclose([s["log-ratio (paper)"] for s in scores[:4]], reward, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose([s["no teacher entropy"] for s in scores[:4]], metrics["reward_no_entropy"],
                              rtol=1e-4, atol=1e-4)

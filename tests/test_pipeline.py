@@ -6,11 +6,11 @@ import jax
 import numpy as np
 
 from conftest import set_fields, tiny_module_config
-from rlt_jax import checkpoint, distill, evaluate, sft, tiny, train
+from rlt_jax import distill, evaluate, hf_checkpoint, sft, tiny, train
 
 
 def _models_differ(a, b):
-  pa, pb = checkpoint.load_hf(a)[1], checkpoint.load_hf(b)[1]
+  pa, pb = hf_checkpoint.load_hf(a)[1], hf_checkpoint.load_hf(b)[1]
   return any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(pa),
                                                                              jax.tree.leaves(pb)))
 

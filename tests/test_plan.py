@@ -1,6 +1,6 @@
 """The memory planner against the real thing: per-device shards of real sharded params and optimizer state (exact),
 XLA's buffer assignment of the compiled update step, reward forward, prefill and decode (within 15%, fp32 on CPU),
-the published Qwen2.5 sizes, the mesh search (brute force), and the CLI."""
+the published Qwen2.5 sizes and the mesh search (brute force). (The CLI's report: test_plan_report.py.)"""
 import json
 import math
 import subprocess
@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, SHARED, tiny_module_config
-from rlt_jax import checkpoint, grpo, plan, precision, rewards, run_setup, sampling, sft, sharding, train
+from conftest import REPO, SHARED
+from rlt_jax import grpo, hf_checkpoint, optim, plan, precision, rewards, rl_step, run_config, sampling, sft, sharding
 from rlt_jax.models import qwen2
 from rlt_jax.models.config import ModelConfig
 
@@ -23,7 +23,7 @@ def small_config(remat="none", **overrides):
   """A tiny-model run big enough that per-token buffers dominate XLA's fixed overheads, small enough to compile fast.
   fp32 only: XLA:CPU computes bf16 elementwise work in fp32 buffers, so CPU memory of a bf16 step says nothing about
   the bf16 buffers of a TPU or GPU."""
-  cfg = run_setup.default_config()
+  cfg = run_config.default_config()
   cfg.tiny_models = True
   cfg.tiny.update(dict(vocab_size=2048, hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512))
   cfg.remat = remat
@@ -64,11 +64,11 @@ def test_resident_bytes_are_the_real_shards(mesh, dtypes):
   devices = jax.devices()[:8]
   m = jax.sharding.Mesh(np.asarray(devices).reshape(mesh["data"], mesh["fsdp"], mesh["tensor"]),
                         ("data", "fsdp", "tensor"))
-  params = checkpoint.shard_params(qwen2.init_params(teacher, jax.random.key(0)), m, teacher)
+  params = hf_checkpoint.shard_params(qwen2.init_params(teacher, jax.random.key(0)), m, teacher)
   # As train.run builds them.
-  opt_state = grpo.init_optimizer_state(grpo.make_optimizer(grpo.GRPOConfig(**cfg.grpo.to_dict())), params)
+  opt_state = optim.init_state(optim.make_optimizer(grpo.GRPOConfig(**cfg.grpo.to_dict()).optim), params)
   copy = precision.compute_copy(params, dtype)
-  student_params = checkpoint.shard_params(qwen2.init_params(student, jax.random.key(1)), m, student)
+  student_params = hf_checkpoint.shard_params(qwen2.init_params(student, jax.random.key(1)), m, student)
 
   def on_device0(tree):
     return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == devices[0])
@@ -93,20 +93,24 @@ def test_resident_bytes_are_the_real_shards(mesh, dtypes):
 
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_update_step_memory_is_the_compiled_steps(remat):
-  """train._train_step jitted as train.run jits it (donated state), lowered on abstract shapes."""
+  """rl_step.update as the step program runs it (donated state; the program's whole batch stays live beside it),
+  lowered on abstract shapes."""
   cfg = small_config(remat)
-  teacher, _, p = cpu_plan(cfg)
+  teacher, student, p = cpu_plan(cfg)
   g = grpo.GRPOConfig(**cfg.grpo.to_dict())
-  sc = train.StepConfig(teacher, g, float(cfg.temperature), cfg.max_new_tokens, cfg.logprob_chunk_size)
-  optimizer = grpo.make_optimizer(g)
+  sc = rl_step.StepConfig(teacher, student, g, rewards.RewardConfig(), cfg.dtype, cfg.group_size, cfg.max_new_tokens,
+                          cfg.logprob_chunk_size, 0)
+  optimizer = optim.make_optimizer(g.optim)
   params = qwen2.param_shapes(teacher)
   state = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params), "ref_params": params,
            "step": sds((), jnp.int32), "bad_steps": sds((), jnp.int32)}
-  B, T = cfg.batch_size, cfg.max_prompt_len + cfg.max_new_tokens
-  batch = {"ids": sds((B, T), jnp.int32), "mask": sds((B, T), bool), "old_logp": sds((B, T), jnp.float32),
-           "advantages": sds((B,), jnp.float32)}
-  ma = jax.jit(lambda s, b: train._train_step(sc, optimizer, s, b), donate_argnums=0).lower(
-      state, batch).compile().memory_analysis()
+  B, T, S = cfg.batch_size, cfg.max_prompt_len + cfg.max_new_tokens, cfg.max_student_len
+  ids, mask = lambda T: sds((B, T), jnp.int32), lambda T: sds((B, T), bool)  # noqa: E731
+  batch = rewards.RewardBatch(ids(T), mask(T), mask(T), ids(S), mask(S), mask(S), mask(S), sds((B,), bool))
+  update = lambda s, b, adv: rl_step.update(sc, optimizer, s, rl_step.UpdateBatch(  # noqa: E731
+      b.teacher_ids, b.teacher_mask, adv))
+  ma = jax.jit(update, donate_argnums=0, keep_unused=True).lower(
+      state, batch, sds((B,), jnp.float32)).compile().memory_analysis()
   upd = p["phases"]["update"]
   assert ma.argument_size_in_bytes == p["params_bytes"] + p["opt_state_bytes"] + p["ref_params_bytes"] + 8 + \
       upd["inputs"]
@@ -122,14 +126,14 @@ def test_reward_forward_memory_is_the_compiled_rewards(micro_batch):
   teacher, student, p = cpu_plan(cfg)
   B, Tt, Ts = cfg.batch_size, cfg.max_prompt_len + cfg.max_new_tokens, cfg.max_student_len
   ids, mask = lambda T: sds((B, T), jnp.int32), lambda T: sds((B, T), bool)  # noqa: E731
-  ma = rewards._rlt_rewards_jit.lower(
-      teacher, qwen2.param_shapes(teacher), student, qwen2.param_shapes(student), ids(Tt), mask(Tt), mask(Tt),
-      ids(Ts), mask(Ts), mask(Ts), mask(Ts), sds((B,), bool), rewards.RewardConfig(),
-      cfg.logprob_chunk_size, micro_batch).compile().memory_analysis()
+  batch = rewards.RewardBatch(ids(Tt), mask(Tt), mask(Tt), ids(Ts), mask(Ts), mask(Ts), mask(Ts), sds((B,), bool))
+  ma = jax.jit(rewards.reward_rows, static_argnums=(0, 2, 5), static_argnames=("chunk_size", "micro_batch")).lower(
+      teacher, qwen2.param_shapes(teacher), student, qwen2.param_shapes(student), batch, rewards.RewardConfig(),
+      chunk_size=cfg.logprob_chunk_size, micro_batch=micro_batch).compile().memory_analysis()
   rew = p["phases"]["reward"]
   assert ma.argument_size_in_bytes == p["params_bytes"] + p["student_params_bytes"] + rew["inputs"]
   close(rew["temp"], ma.temp_size_in_bytes, "reward forward temporaries")
-  # The vocabulary side: two fp32 [rows, chunk, V] buffers (the docstring of rewards.token_logprobs).
+  # The vocabulary side: two fp32 [rows, chunk, V] buffers (the docstring of logprobs.token_logprobs).
   assert rew["logprob_chunks"] == 2 * (micro_batch or B) * cfg.logprob_chunk_size * teacher.vocab_size * 4
 
 
@@ -144,9 +148,8 @@ def test_kv_cache_and_sampler_memory_are_the_compiled_samplers():
   ids, mask = sds((prompts, P), jnp.int32), sds((prompts, P), bool)
   pre = sampling.prefill.lower(teacher, params, ids, mask).compile().memory_analysis()
   cache, logits = jax.eval_shape(sampling.prefill, teacher, params, ids, mask)
-  f32 = sds((), jnp.float32)
-  dec = sampling.decode.lower(teacher, params, cache, logits, sds((), jax.random.key(0).dtype), f32, f32,
-                              sds((1,), jnp.int32), sds((), jnp.int32), max_new_tokens=N, num_samples=G,
+  dec = sampling.decode.lower(teacher, params, cache, logits, sds((), jax.random.key(0).dtype), 0.7, 1.0,
+                              (1,), 0, max_new_tokens=N, num_samples=G,
                               greedy=False, top_k=None, use_top_p=False).compile().memory_analysis()
   prompt_cache = 2 * math.prod(cache.k.shape) * cache.k.dtype.itemsize
   s = p["phases"]["sample"]
@@ -162,8 +165,8 @@ def test_sft_step_memory_is_the_compiled_sft_step():
   cfg.max_len, cfg.batch_size, cfg.micro_batches, cfg.logprob_chunk_size = 512, 8, 2, 128
   model, _ = plan.sft_model_config(cfg)
   p = plan.plan_sft(cfg, model, ONE, 80 * 2**30, attention_block=qwen2.attention_block_size(model))
-  g = grpo.GRPOConfig(micro_batches=2)
-  optimizer, schedule = grpo.make_optimizer(g), grpo.learning_rate_schedule(g)
+  o = optim.OptimConfig()
+  optimizer, schedule = optim.make_optimizer(o), optim.learning_rate_schedule(o)
   params = qwen2.param_shapes(model)
   state = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params), "step": sds((), jnp.int32)}
   B, L = cfg.batch_size, cfg.max_len
@@ -181,7 +184,7 @@ def test_sft_step_memory_is_the_compiled_sft_step():
                                        ("rlt_qwen2.5_7b_v5p64", "tpu-v5p")])
 def test_every_hardware_config_fits_its_target(name, chip):
   """The documented targets, planned exactly as the README says: the config's own mesh, fp32 master weights."""
-  cfg = run_setup.config_file(str(REPO / "configs" / f"{name}.py"))
+  cfg = run_config.config_file(str(REPO / "configs" / f"{name}.py"))
   assert (cfg.param_dtype, cfg.dtype) == ("float32", "bfloat16")
   mesh = ",".join(f"{a}={cfg.mesh[a]}" for a in ("data", "fsdp", "tensor"))
   assert min(cfg.mesh.values()) >= 1  # explicit, no -1
@@ -227,24 +230,3 @@ def test_mesh_search_finds_the_smallest_fitting_meshes():
     for t in (1, 2):
       for f in (x for x in range(1, n // t + 1) if (n // t) % x == 0):
         assert not plan.plan(cfg, teacher, student, dict(data=n // t // f, fsdp=f, tensor=t), device)["fits"]
-
-
-def test_cli_json_and_flag_errors(tmp_path):
-  run = subprocess.run([sys.executable, "-m", "rlt_jax.plan", "--config", str(REPO / "configs" / "tiny.py"),
-                        "--chip", "h100", "--mesh", "data=1,fsdp=8,tensor=1", "--json", "--config.batch_size=64"],
-                       capture_output=True, text=True, cwd=REPO, timeout=300)
-  assert run.returncode == 0, run.stderr
-  out = json.loads(run.stdout)
-  for k in ("params_bytes", "opt_state_bytes", "ref_params_bytes", "student_params_bytes", "kv_cache_bytes",
-            "activation_bytes", "total_bytes", "device_bytes", "fits"):
-    assert k in out, k
-  assert out["device_bytes"] == 81559 * 2**20 and out["fits"] is True and out["mesh"] == dict(data=1, fsdp=8, tensor=1)
-  assert out["total_bytes"] == out["phases"][out["peak_phase"]]["total"]
-  assert out["max_sampling_prompts"] == 64 // 8  # the whole batch (the --config override) fits
-  cfg = tiny_module_config()
-  for flag, kw in (("--chip", dict(chip="tpu-v9")), ("--mesh", dict(mesh="data=1,fsdp=x")),
-                   ("--mesh", dict(mesh="pipeline=2")), ("--model", dict(model="9b"))):
-    args = {**dict(chip="h100", mesh="data=1,fsdp=8,tensor=1", model=None), **kw}
-    with pytest.raises(SystemExit) as e:
-      plan.main(cfg, "configs/tiny.py", args["chip"], args["mesh"], True, args["model"], 0.9, 2048)
-    assert str(e.value).startswith("error: " + flag), e.value

@@ -25,7 +25,7 @@ def hand_rows():
     row = dict(step=i + 1, reward_mean=-1.0 + 0.25 * i, reward_std=0.5 - 0.05 * i, r_ss=-0.6 + 0.1 * i,
                r_kl=0.3 - 0.02 * i, r_kl_no_entropy=2.0 - 0.1 * i, solution_logp_mean=-0.7 + 0.1 * i,
                solution_logp_min=-3.0 + 0.2 * i, kl_mean=0.1 * i, kl_max=1.0 + i, match_rate=0.125 * i,
-               tokens_per_s=100.0 + 7 * i, time_sample=1.0 + 0.1 * i, time_reward=0.5, time_update=0.25 * (i + 1),
+               tokens_per_s=100.0 + 7 * i, time_sample=1.0 + 0.1 * i, time_splice=0.5, time_program=0.25 * (i + 1),
                loss=0.01 * (i - 2), grad_norm=0.5 + i, lr=3e-4, skipped=False, rows=["a.jsonl:1", "a.jsonl:2"])
     rows.append(row)
   rows[2]["reward_std"] = None
@@ -82,9 +82,9 @@ def test_figures_hold_the_file_values(tmp_path):
   # The stacked time split: the top of the last layer is the step's total time.
   (time_ax,) = [ax for ax in figs["throughput"].axes if ax.get_title().startswith("time split")]
   layers = [c for c in time_ax.collections if isinstance(c, PolyCollection)]
-  assert [c.get_label() for c in layers] == ["time_sample", "time_reward", "time_update"]
+  assert [c.get_label() for c in layers] == ["time_sample", "time_splice", "time_program"]
   top = layers[-1].get_paths()[0].vertices
-  totals = {r["step"]: r["time_sample"] + r["time_reward"] + r["time_update"] for r in rows}
+  totals = {r["step"]: r["time_sample"] + r["time_splice"] + r["time_program"] for r in rows}
   for x, y in top:
     if y > totals[round(x)] - 1e-9:  # the upper edge of the polygon
       assert y == pytest.approx(totals[round(x)])

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, set_fields, tiny_module_config
-from rlt_jax import checkpoint, grpo, precision, run_setup, sft, sharding, tiny, train
+from rlt_jax import checkpointing, grpo, hf_checkpoint, optim, precision, rewards, rl_step, run_config, sft, sharding, tiny, train
 from rlt_jax.models import qwen2
 
-RECIPE = run_setup.config_file(str(REPO / "configs" / "rlt_qwen2.5_7b.py"))
-SFT_RECIPE = run_setup.config_file(str(REPO / "configs" / "teacher_sft_qwen2.5_7b.py"))
+RECIPE = run_config.config_file(str(REPO / "configs" / "rlt_qwen2.5_7b.py"))
+SFT_RECIPE = run_config.config_file(str(REPO / "configs" / "teacher_sft_qwen2.5_7b.py"))
 
 
 def _model(param_dtype, dtype):
@@ -37,18 +37,17 @@ def _rl_update(param_dtype, dtype, lr):
   config = _model(param_dtype, dtype)
   params = qwen2.init_params(config, jax.random.key(0), std=0.02)  # N(0, 0.02) weights
   g = grpo.GRPOConfig(**dict(RECIPE.grpo.to_dict(), learning_rate=lr, micro_batches=1))
-  sc = train.StepConfig(config, g, RECIPE.temperature, 32, 64)
-  optimizer = grpo.make_optimizer(g)
+  sc = rl_step.StepConfig(config, config, g, rewards.RewardConfig(), dtype, 4, 32, 64, 0)
+  optimizer = optim.make_optimizer(g.optim)
   state = {"params": params, "opt_state": optimizer.init(params),
            "ref_params": precision.compute_copy(params, dtype), "step": jnp.zeros((), jnp.int32),
            "bad_steps": jnp.zeros((), jnp.int32)}
   B, T = 8, 64
   rng = np.random.default_rng(0)
-  batch = {"ids": jnp.asarray(rng.integers(0, 128, (B, T)), jnp.int32), "mask": jnp.ones((B, T), bool),
-           "old_logp": jnp.zeros((B, T), jnp.float32),
-           "advantages": jnp.asarray(rng.standard_normal(B), jnp.float32)}
-  # old_logp = 0 makes the ratio exp(logp) < 1 and unclipped on most tokens: a real, dense gradient.
-  new_state, m = jax.jit(lambda s, b: train._train_step(sc, optimizer, s, b))(
+  batch = rl_step.UpdateBatch(jnp.asarray(rng.integers(0, 128, (B, T)), jnp.int32), jnp.ones((B, T), bool),
+                              jnp.asarray(rng.standard_normal(B), jnp.float32), jnp.zeros((B, 32), jnp.float32))
+  # Behaviour log-probs = 0 make the ratio exp(logp) < 1 and unclipped on most tokens: a real, dense gradient.
+  new_state, m = jax.jit(lambda s, b: rl_step.update(sc, optimizer, s, b))(
       jax.tree.map(jnp.copy, state), batch)
   assert not bool(m["skipped"])
   return params, new_state["params"]
@@ -73,8 +72,8 @@ def test_sft_recipe_update_at_lr_1e6_moves_every_weight_matrix():
   assert (SFT_RECIPE.param_dtype, SFT_RECIPE.dtype) == ("float32", "bfloat16")
   config = _model(SFT_RECIPE.param_dtype, SFT_RECIPE.dtype)
   params = qwen2.init_params(config, jax.random.key(1), std=0.02)
-  opt = grpo.GRPOConfig(learning_rate=1e-6, b1=SFT_RECIPE.b1, b2=SFT_RECIPE.b2, weight_decay=SFT_RECIPE.weight_decay)
-  optimizer, schedule = grpo.make_optimizer(opt), grpo.learning_rate_schedule(opt)
+  opt = optim.OptimConfig(learning_rate=1e-6, b1=SFT_RECIPE.b1, b2=SFT_RECIPE.b2, weight_decay=SFT_RECIPE.weight_decay)
+  optimizer, schedule = optim.make_optimizer(opt), optim.learning_rate_schedule(opt)
   B, L = 4, 128
   ids = np.random.default_rng(1).integers(0, 128, (B, L))
   batch = {"input_ids": jnp.asarray(ids, jnp.int32), "loss_mask": jnp.ones((B, L), bool),
@@ -89,7 +88,7 @@ def test_sft_recipe_update_at_lr_1e6_moves_every_weight_matrix():
 def test_compute_copy_is_cast_once_and_keeps_each_shard():
   mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2))
   config = _model("float32", "bfloat16")
-  params = checkpoint.shard_params(qwen2.init_params(config, jax.random.key(0)), mesh, config)
+  params = hf_checkpoint.shard_params(qwen2.init_params(config, jax.random.key(0)), mesh, config)
   copy = precision.compute_copy(params, "bfloat16")
   for p, c in zip(jax.tree.leaves(params), jax.tree.leaves(copy)):
     assert c.dtype == jnp.bfloat16 and c.sharding.is_equivalent_to(p.sharding, p.ndim)
@@ -108,13 +107,13 @@ def _safetensors_dtypes(path) -> set:
 def test_export_keeps_the_master_dtype_unless_asked(tmp_path):
   config = _model("float32", "bfloat16")
   params = qwen2.init_params(config, jax.random.key(0))
-  checkpoint.save_hf(config, params, tmp_path / "masters")
+  hf_checkpoint.save_hf(config, params, tmp_path / "masters")
   assert _safetensors_dtypes(tmp_path / "masters" / "model.safetensors") == {"F32"}
   assert json.load(open(tmp_path / "masters" / "config.json"))["torch_dtype"] == "float32"
-  checkpoint.save_hf(config, params, tmp_path / "bf16", dtype="bfloat16")
+  hf_checkpoint.save_hf(config, params, tmp_path / "bf16", dtype="bfloat16")
   assert _safetensors_dtypes(tmp_path / "bf16" / "model.safetensors") == {"BF16"}
   assert json.load(open(tmp_path / "bf16" / "config.json"))["torch_dtype"] == "bfloat16"
-  _, back = checkpoint.load_hf(tmp_path / "bf16", dtype="float32")
+  _, back = hf_checkpoint.load_hf(tmp_path / "bf16", dtype="float32")
   np.testing.assert_array_equal(np.asarray(back["lm_head"]["kernel"]),
                                 np.asarray(params["lm_head"]["kernel"]).astype(ml_dtypes.bfloat16).astype(np.float32))
 
@@ -126,7 +125,7 @@ def test_rl_run_exports_fp32_masters_and_honours_export_dtype(assets, tmp_path):
                        tensorboard=False, dtype="bfloat16", export_dtype="bfloat16"))
   train.run(cfg, str(tmp_path / "run"))
   assert _safetensors_dtypes(tmp_path / "run" / "export" / "model.safetensors") == {"BF16"}
-  ckpt = run_setup.Checkpointer(str(tmp_path / "run" / "checkpoints"), 1)
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "run" / "checkpoints"), 1)
   assert ckpt.latest_step() == 1
 
 
@@ -141,7 +140,7 @@ def test_a_learning_rate_rounded_away_by_the_storage_dtype_stops_the_run(assets,
     cfg = set_fields(sft.default_config(), dict(model_path=assets["teacher"], param_dtype="bfloat16",
                                                 dtype="bfloat16", learning_rate=1e-5))
     run, lr_field = sft.run, "config.learning_rate=1e-05"
-  with pytest.raises(run_setup.ConfigError) as e:
+  with pytest.raises(run_config.ConfigError) as e:
     run(cfg, str(tmp_path))
   assert "config.param_dtype='bfloat16'" in str(e.value) and lr_field in str(e.value), e.value
   assert "float32" in str(e.value)

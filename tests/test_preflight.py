@@ -5,7 +5,7 @@ import re
 import pytest
 
 from conftest import set_fields, tiny_module_config
-from rlt_jax import checkpoint, plan, preflight, run_setup, sft, train
+from rlt_jax import hf_checkpoint, plan, preflight, run_config, sft, train
 from rlt_jax.memory import CHIPS, GiB
 
 
@@ -18,7 +18,7 @@ def no_loading(monkeypatch):
   """Loading any weights raises Loaded: the preflight must stop the run before that."""
   def load(*a, **kw):
     raise Loaded()
-  monkeypatch.setattr(checkpoint, "load_hf", load)
+  monkeypatch.setattr(hf_checkpoint, "load_hf", load)
 
 
 def too_big(assets, **overrides):
@@ -34,7 +34,7 @@ def too_big(assets, **overrides):
 
 def test_a_run_over_its_chip_stops_before_loading_with_the_fields_to_change(assets, tmp_path, no_loading):
   cfg = too_big(assets)
-  with pytest.raises(run_setup.ConfigError) as e:
+  with pytest.raises(run_config.ConfigError) as e:
     train.run(cfg, str(tmp_path))
   msg = str(e.value)
   assert "does not fit 1 x tpu-v5e" in msg and "14.40 GiB usable" in msg, msg
@@ -70,8 +70,8 @@ def test_a_run_over_its_chip_stops_before_loading_with_the_fields_to_change(asse
 def test_sft_preflight(assets, tmp_path, no_loading):
   cfg = set_fields(sft.default_config(), dict(model_path=assets["teacher"], tokenizer_path=assets["tokenizer"],
                                               max_len=65536, batch_size=512, chip="tpu-v5e", tensorboard=False))
-  with pytest.raises(run_setup.ConfigError, match=r"phase update needs .* over: raise config.micro_batches \(now 1; "
-                                                  r"\d+ fits\)"):
+  with pytest.raises(run_config.ConfigError, match=r"phase update needs .* over: raise config.micro_batches \(now 1; "
+                                                   r"\d+ fits\)"):
     sft.run(cfg, str(tmp_path))
   with pytest.raises(Loaded):
     sft.run(set_fields(cfg, dict(preflight=False)), str(tmp_path / "skipped"))
@@ -100,5 +100,5 @@ def test_the_device_budget_comes_from_the_device_kind_and_the_allocator():
 
 
 def test_an_unknown_chip_is_a_config_error(assets, tmp_path):
-  with pytest.raises(run_setup.ConfigError, match=r"config.chip='h1000': must be '' \(detect\) or one of"):
+  with pytest.raises(run_config.ConfigError, match=r"config.chip='h1000': must be '' \(detect\) or one of"):
     train.run(too_big(assets, chip="h1000"), str(tmp_path))

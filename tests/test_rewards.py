@@ -1,40 +1,19 @@
-"""rlt_jax.rewards against independent oracles.
+"""rlt_jax.rewards against independent oracles (`models.logprobs` has its own tests: tests/test_logprobs.py).
 
-- `token_logprobs`: a naive full-logits log-softmax (NumPy float64 on the model's logits) and the gradient of a naive
-  full-logits JAX version; a jaxpr walk shows no [B, T, V]-sized logits exist, forward or backward.
 - `rlt_reward`: a per-row NumPy reference written from METHOD_SPEC §2.2 (NaN for undefined reductions, then the fills).
 - `rlt_rewards`: tiny random transformers (PyTorch) teacher and student models as the log-prob oracle, then the same
   NumPy reference with spans cut out row by row with boolean indexing; 8 fake devices give the 1-device result.
 """
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlt_jax import checkpoint, rewards, sharding
-from rlt_jax.models import qwen2
-from rlt_jax.models.config import ModelConfig
+from rlt_jax import hf_checkpoint, rewards, sharding
 from rlt_jax.rewards import RewardConfig
-
-TINY = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                   head_dim=8)
-logprobs_jit = jax.jit(rewards.token_logprobs, static_argnames=("config", "temperature", "chunk_size"))
 
 
 # --------------------------------------------------------------------------------------------- NumPy references
-def np_log_softmax(z):
-  z = np.asarray(z, np.float64)
-  m = z.max(-1, keepdims=True)
-  return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
-
-
-def np_token_logprobs(logits_BTV, ids_BT, temperature):
-  ls = np_log_softmax(np.asarray(logits_BTV, np.float64) / temperature)
-  picked = np.take_along_axis(ls[:, :-1], np.asarray(ids_BT)[:, 1:, None], -1)[..., 0]
-  return np.concatenate([np.zeros((ids_BT.shape[0], 1)), picked], 1)
-
-
 def np_reduce(x, op):
   """One reduction over a 1-D span; NaN where undefined (empty span), as the official per-sample code gives."""
   if op == "sum":
@@ -86,82 +65,8 @@ def assert_metrics_match(reward, metrics, ref):
     np.testing.assert_allclose(got, v, rtol=1e-6, atol=1e-5, err_msg=k)
 
 
-# ------------------------------------------------------------------------------------------------ token_logprobs
-@pytest.fixture(scope="module")
-def tiny():
-  params = qwen2.init_params(TINY, jax.random.PRNGKey(0), std=0.3)
-  rng = np.random.RandomState(0)
-  ids = rng.randint(0, TINY.vocab_size, (3, 37)).astype(np.int32)
-  mask = np.ones((3, 37), np.int32)
-  mask[1, 30:] = 0  # right padding
-  mask[2, :5] = 0   # left padding
-  return params, ids, mask
-
-
-def test_token_logprobs_matches_full_logits(tiny):
-  params, ids, mask = tiny
-  # chunk 8 does not divide T = 37: the last chunk is padded
-  got = np.asarray(logprobs_jit(TINY, params, ids, mask, temperature=0.7, chunk_size=8))
-  ref = np_token_logprobs(qwen2.forward(TINY, params, ids, mask), ids, 0.7)
-  assert got.shape == (3, 37) and got.dtype == np.float32
-  assert np.all(got[:, 0] == 0)
-  np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
-  assert ref[:, 1:].std() > 0.5  # the distributions are far from uniform, so the check has teeth
-
-
-def _naive_logprobs(config, params, ids, mask, temperature):
-  logits = qwen2.forward(config, params, ids, mask) / temperature
-  picked = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), ids[:, 1:, None], -1)[..., 0]
-  return jnp.concatenate([jnp.zeros((ids.shape[0], 1)), picked], 1)
-
-
-def _max_vocab_array(jaxpr, V):
-  """Largest element count of any value with a trailing vocab axis, anywhere in a (nested) jaxpr."""
-  best = 0
-  for eqn in jaxpr.eqns:
-    for v in eqn.outvars:
-      shape = getattr(v.aval, "shape", ())
-      if shape and shape[-1] == V:
-        best = max(best, int(np.prod(shape)))
-    for p in eqn.params.values():
-      for sub in (p if isinstance(p, (list, tuple)) else [p]):
-        inner = getattr(sub, "jaxpr", sub)
-        if isinstance(inner, jax.extend.core.Jaxpr):
-          best = max(best, _max_vocab_array(inner, V))
-  return best
-
-
-def test_token_logprobs_gradient_and_no_full_logits(tiny):
-  params, ids, mask = tiny
-  weights = jnp.asarray(np.random.RandomState(1).randn(*ids.shape), jnp.float32) * mask
-
-  def loss(fn):
-    return lambda p: jnp.sum(weights * fn(p))
-
-  ours = loss(lambda p: rewards.token_logprobs(TINY, p, ids, mask, temperature=0.7, chunk_size=8))
-  naive = loss(lambda p: _naive_logprobs(TINY, p, jnp.asarray(ids), mask, 0.7))
-  g_ours, g_naive = jax.jit(jax.grad(ours))(params), jax.jit(jax.grad(naive))(params)
-  for path, a in jax.tree_util.tree_leaves_with_path(g_ours):
-    b = g_naive
-    for k in path:
-      b = b[k.key]
-    scale = float(jnp.abs(b).max()) + 1e-6
-    np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, atol=1e-5, err_msg=str(path))
-
-  # No [B, T, V] logits in the forward or the backward (the chunk body is rematerialised); the naive one has them.
-  # (The largest allowed ones are the [D, V] kernel and its gradient, and one [B, 8, V] chunk.)
-  B, T, V = ids.shape + (TINY.vocab_size,)
-  for fn in (ours, jax.grad(ours)):
-    assert _max_vocab_array(jax.make_jaxpr(fn)(params).jaxpr, V) <= max(B * 8, TINY.hidden_size) * V
-  assert _max_vocab_array(jax.make_jaxpr(jax.grad(naive))(params).jaxpr, V) >= B * T * V
-
-
-def test_bad_arguments_give_clear_errors(tiny):
-  params, ids, mask = tiny
-  with pytest.raises(ValueError, match="temperature"):
-    rewards.token_logprobs(TINY, params, ids, mask, temperature=0.0)
-  with pytest.raises(ValueError, match="chunk_size"):
-    rewards.token_logprobs(TINY, params, ids, mask, chunk_size=0)
+# ------------------------------------------------------------------------------------------------- rlt_reward
+def test_bad_reward_configs_give_clear_errors():
   with pytest.raises(ValueError, match="answer_log_prob_coeff"):
     RewardConfig(answer_log_prob_coeff=(1.0,))
   with pytest.raises(ValueError, match="kl_penalty_reductions.*median"):
@@ -173,7 +78,6 @@ def test_bad_arguments_give_clear_errors(tiny):
   assert RewardConfig(kl_penalty_coeff=[3.0, 0.03]) == RewardConfig()  # lists from YAML are accepted and hashable
 
 
-# ------------------------------------------------------------------------------------------------- rlt_reward
 def _edge_case_batch():
   rng = np.random.RandomState(3)
   B, S, N = 8, 12, 10
@@ -243,7 +147,7 @@ def hf_pair(tmp_path_factory):
   models = {}
   for name, seed in (("teacher", 1), ("student", 2)):
     hf = make_hf_model(root / name, vocab=128, hidden=64, layers=2, heads=4, kv_heads=2, seed=seed, std=0.15)
-    config, params = checkpoint.load_hf(root / name)
+    config, params = hf_checkpoint.load_hf(root / name)
     models[name] = (hf, config, params)
   return models
 
@@ -285,7 +189,7 @@ def _examples(B, seed):
 
 
 def _reference(hf_pair, a, matched, cfg):
-  from hf_models import hf_logits
+  from hf_models import hf_logits, np_token_logprobs
   lt = np_token_logprobs(hf_logits(hf_pair["teacher"][0], a["teacher_ids"], a["teacher_attention_mask"]),
                          a["teacher_ids"], cfg.teacher_temperature)
   ls = np_token_logprobs(hf_logits(hf_pair["student"][0], a["student_ids"], a["student_attention_mask"]),
@@ -302,9 +206,9 @@ def _reference(hf_pair, a, matched, cfg):
 
 def _call(hf_pair, a, matched, cfg, **kw):
   (_, tc, tp), (_, sc, sp) = hf_pair["teacher"], hf_pair["student"]
-  return rewards.rlt_rewards(tc, tp, sc, sp, a["teacher_ids"], a["teacher_attention_mask"],
-                             a["teacher_explanation_mask"], a["student_ids"], a["student_attention_mask"],
-                             a["student_explanation_mask"], a["solution_mask"], matched, cfg, **kw)
+  return rewards.rlt_rewards(tc, tp, sc, sp, rewards.RewardBatch(
+      a["teacher_ids"], a["teacher_attention_mask"], a["teacher_explanation_mask"], a["student_ids"],
+      a["student_attention_mask"], a["student_explanation_mask"], a["solution_mask"], matched), cfg, **kw)
 
 
 def test_rlt_rewards_end_to_end_matches_transformers(hf_pair):
@@ -326,7 +230,7 @@ def test_rlt_rewards_rejects_misaligned_spans(hf_pair):
   cfg = RewardConfig()
   bad = {k: v.copy() for k, v in a.items()}
   bad["student_explanation_mask"][0, np.flatnonzero(bad["student_explanation_mask"][0])[-1]] = 0
-  with pytest.raises(ValueError, match="row 0: teacher_explanation_mask marks"):
+  with pytest.raises(ValueError, match="row 0: teacher_expl marks"):
     _call(hf_pair, bad, matched, cfg)
   bad = {k: v.copy() for k, v in a.items()}
   bad["student_ids"][0, np.flatnonzero(bad["student_explanation_mask"][0])[0]] += 1
@@ -350,11 +254,12 @@ def test_rlt_rewards_sharded_equals_single_device(hf_pair, mesh_shape, micro_bat
   mesh = sharding.make_mesh(mesh_shape)
   (_, tc, tp), (_, sc, sp) = hf_pair["teacher"], hf_pair["student"]
   with sharding.use_mesh(mesh):
-    tp, sp = checkpoint.shard_params(tp, mesh, tc), checkpoint.shard_params(sp, mesh, sc)
+    tp, sp = hf_checkpoint.shard_params(tp, mesh, tc), hf_checkpoint.shard_params(sp, mesh, sc)
     put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))  # noqa: E731
     args = [put(a[k]) for k in ("teacher_ids", "teacher_attention_mask", "teacher_explanation_mask", "student_ids",
                                 "student_attention_mask", "student_explanation_mask", "solution_mask")]
-    got = rewards.rlt_rewards(tc, tp, sc, sp, *args, put(matched), cfg, chunk_size=16, micro_batch=micro_batch)
+    got = rewards.rlt_rewards(tc, tp, sc, sp, rewards.RewardBatch(*args, put(matched)), cfg, chunk_size=16,
+                              micro_batch=micro_batch)
   assert got[0].sharding.spec == sharding.batch_sharding(mesh, 1).spec  # the batch stays split over (data, fsdp)
   for k, w in jax.tree_util.tree_leaves_with_path(want):
     g = got

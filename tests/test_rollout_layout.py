@@ -51,8 +51,7 @@ def compile_decode(params, mesh, rules, B=2, M=8, P=6, T=24):
   with sharding.use_mesh(mesh, rules):
     cache, logits = sampling.prefill(CONFIG, params, ids, np.ones((B, P), np.int32))
     return sampling.decode.lower(
-        CONFIG, params, cache, logits, jax.random.key(0), jnp.float32(0.7), jnp.float32(1), jnp.asarray([3], jnp.int32),
-        jnp.int32(0), max_new_tokens=T, num_samples=M, greedy=False, top_k=None, use_top_p=False,
+        CONFIG, params, cache, logits, jax.random.key(0), 0.7, 1.0, (3,), 0, max_new_tokens=T, num_samples=M, greedy=False, top_k=None, use_top_p=False,
         schedule=Schedule(window=8, buckets=2, min_rows=8)).compile().as_text()
 
 

@@ -21,7 +21,7 @@ import torch
 
 import hlo_text
 from hf_models import hf_logits, make_hf_model
-from rlt_jax import checkpoint, sampling, sharding
+from rlt_jax import hf_checkpoint, sampling, sharding
 from rlt_jax.decode import WHOLE, Schedule
 from rlt_jax.models import qwen2
 from rlt_jax.models.config import ModelConfig
@@ -35,7 +35,7 @@ def tiny(tmp_path_factory):
   torch.set_num_threads(1)
   path = tmp_path_factory.mktemp("tiny_qwen2")
   model = make_hf_model(path, vocab=V, hidden=64, layers=2, heads=4, kv_heads=2, seed=1)
-  config, params = checkpoint.load_hf(path)
+  config, params = hf_checkpoint.load_hf(path)
   return model, config, params, path
 
 
@@ -186,7 +186,7 @@ def test_sharded_greedy_equals_single_device(tiny):
   ref = sampling.sample(config, params, ids, mask, jax.random.key(0), **kw)
   for shape in [(8, 1, 1), (2, 2, 2)]:
     mesh = sharding.make_mesh(shape)
-    _, sharded_params = checkpoint.load_hf(path, mesh=mesh)
+    _, sharded_params = hf_checkpoint.load_hf(path, mesh=mesh)
     with sharding.use_mesh(mesh):
       out = sampling.sample(config, sharded_params, ids, mask, jax.random.key(0), **kw)
     assert len(out.tokens.sharding.device_set) == 8, f"mesh {shape}: output is not spread over the mesh"
@@ -261,8 +261,7 @@ def test_decode_loop_moves_no_cache(tiny):
   ids, mask = left_padded([5, 2, 4], P, seed=7)
   cache, logits = sampling.prefill(config, params, ids, mask)
   compiled = sampling.decode.lower(
-      config, params, cache, logits, jax.random.key(0), jnp.float32(1), jnp.float32(1), jnp.asarray([3], jnp.int32),
-      jnp.int32(0), max_new_tokens=T, num_samples=1, greedy=True, top_k=None, use_top_p=False).compile()
+      config, params, cache, logits, jax.random.key(0), 1.0, 1.0, (3,), 0, max_new_tokens=T, num_samples=1, greedy=True, top_k=None, use_top_p=False).compile()
   hlo = compiled.as_text()
   assert "while" in hlo, "premise: decode is one while loop"
   L = config.num_layers
@@ -293,7 +292,7 @@ def test_schedule_sheds_work_and_changes_no_result(tiny, mesh_shape):
     out = sampling.sample(config, params, ids, mask, jax.random.key(0), schedule=SHED, **kw)
   else:
     mesh = sharding.make_mesh(mesh_shape)
-    _, sharded = checkpoint.load_hf(path, mesh=mesh)
+    _, sharded = hf_checkpoint.load_hf(path, mesh=mesh)
     with sharding.use_mesh(mesh):
       out = sampling.sample(config, sharded, ids, mask, jax.random.key(0), schedule=SHED, **kw)
   for field in ("tokens", "lengths", "finished"):

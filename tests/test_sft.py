@@ -7,20 +7,20 @@ import numpy as np
 import pytest
 
 from conftest import REPO, set_fields
-from rlt_jax import checkpoint, data, formats, sft
+from rlt_jax import data, formats, hf_checkpoint, rows, sft
 from rlt_jax.models import qwen2
 
 
 @pytest.fixture(scope="module")
 def tiny(assets):
-  tok = checkpoint.load_tokenizer(assets["tokenizer"])
-  config, params = checkpoint.load_hf(assets["teacher"])
+  tok = hf_checkpoint.load_tokenizer(assets["tokenizer"])
+  config, params = hf_checkpoint.load_hf(assets["teacher"])
   return formats.RLTFormat(tok), config, params
 
 
 def _rows(n, start=0):
   with open(data.SAMPLE_PATH) as f:
-    return [formats.read_row(json.loads(line)) for line in f.readlines()[start:start + n]]
+    return [rows.read_row(json.loads(line)) for line in f.readlines()[start:start + n]]
 
 
 def _sft_ds(fmt, path, **kw):

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hf_models import make_hf_model
-from rlt_jax import checkpoint, models, sharding
+from rlt_jax import hf_checkpoint, models, sharding
 
 
 def test_eight_fake_devices():
@@ -41,7 +41,7 @@ def test_logical_to_spec_uses_each_mesh_axis_once():
 def tiny(tmp_path_factory):
   path = tmp_path_factory.mktemp("tiny")
   make_hf_model(path, vocab=128, hidden=64, heads=4, kv_heads=2)
-  config, params = checkpoint.load_hf(path)
+  config, params = hf_checkpoint.load_hf(path)
   rng = np.random.RandomState(0)
   ids = rng.randint(0, 128, (8, 12))
   mask = np.ones((8, 12), np.int32)
@@ -55,7 +55,7 @@ def tiny(tmp_path_factory):
 def test_sharded_forward_equals_single_device(tiny, shape):
   path, config, ids, mask, expected = tiny
   mesh = sharding.make_mesh(shape)
-  _, params = checkpoint.load_hf(path, mesh=mesh)
+  _, params = hf_checkpoint.load_hf(path, mesh=mesh)
   q = params["layers"]["attn"]["q_proj"]["kernel"]
   assert q.sharding.spec == sharding.logical_to_spec(("layers", "embed", "q_heads", "head_dim"), mesh=mesh)
   assert len(q.addressable_shards) == 8
@@ -73,9 +73,9 @@ def test_indivisible_kv_heads_replicate_or_error(tiny, caplog):
   mesh = sharding.make_mesh((1, 2, 4))  # 2 kv heads on tensor=4
   with pytest.raises(ValueError, match=r"param layers/attn/k_proj/bias: dimension 1 \(kv_heads=2\) is not divisible "
                                        r"by mesh axes \('tensor',\) \(size 4\); sizes that divide it: \[1, 2\]"):
-    checkpoint.load_hf(path, mesh=mesh, on_indivisible="error")
+    hf_checkpoint.load_hf(path, mesh=mesh, on_indivisible="error")
   with caplog.at_level(logging.WARNING):
-    _, params = checkpoint.load_hf(path, mesh=mesh)
+    _, params = hf_checkpoint.load_hf(path, mesh=mesh)
   assert "replicating this dimension" in caplog.text
   assert params["layers"]["attn"]["k_proj"]["kernel"].sharding.spec == P(None, "fsdp", None, None)
   assert params["layers"]["attn"]["q_proj"]["kernel"].sharding.spec == P(None, "fsdp", "tensor", None)
@@ -88,7 +88,7 @@ def test_rules_from_config_change_the_layout(tiny):
   path, config, ids, mask, expected = tiny
   mesh = sharding.make_mesh((1, 8, 1))
   rules = dict(sharding.DEFAULT_RULES, embed=None, mlp="fsdp")  # shard MLP width instead of the hidden size
-  _, params = checkpoint.load_hf(path, mesh=mesh, rules=sharding.normalize_rules(rules))
+  _, params = hf_checkpoint.load_hf(path, mesh=mesh, rules=sharding.normalize_rules(rules))
   assert params["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec == P(None, None, "fsdp")
   assert params["embed"]["embedding"].sharding.spec == P(None, None)
   with sharding.use_mesh(mesh, rules):

@@ -1,9 +1,9 @@
 """The real Qwen2.5 tokenizer loads from a local directory and renders ChatML."""
-from rlt_jax import checkpoint
+from rlt_jax import hf_checkpoint
 
 
 def test_chat_template_renders_chatml(qwen_dir):
-  tok = checkpoint.load_tokenizer(qwen_dir)
+  tok = hf_checkpoint.load_tokenizer(qwen_dir)
   messages = [{"role": "system", "content": "You are a teacher."},
               {"role": "user", "content": "What is 2+3?"},
               {"role": "assistant", "content": "5"}]

@@ -6,6 +6,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, set_fields, tiny_module_config
-from rlt_jax import data, rewards, run_setup, train
+from rlt_jax import data, loading, rewards, rl_step, run_config, train
 
 
 def small_config(assets, **overrides):
@@ -35,11 +36,14 @@ def test_one_step_writes_metrics_completions_and_tensorboard(assets, tmp_path):
   (row,) = metrics_rows(tmp_path)
   for key in ("step", "reward_mean", "reward_std", "r_ss", "solution_logp_min", "r_kl", "kl_max", "match_rate",
               "advantage_std", "kl_to_ref", "completion_len_mean", "completion_len_max", "truncated_fraction",
-              "clip_fraction", "grad_norm", "lr", "tokens_per_s", "time_sample", "time_reward", "time_update",
+              "clip_fraction", "grad_norm", "lr", "tokens_per_s", "time_sample", "time_splice", "time_program",
+              "time_step", "ratio_mean",
               "decode_live_fraction"):
     assert key in row, key
   assert row["step"] == 1 and np.isfinite(row["reward_mean"]) and row["reward_mean"] == last["reward_mean"]
   assert row["lr"] == pytest.approx(cfg.grpo.learning_rate)
+  # Synchronous, one update per batch: old log-probs are the policy's own, stopped, so the ratio is exactly 1.
+  assert row["ratio_mean"] == 1.0 and row["clip_fraction"] == 0.0
   assert 0 < row["decode_live_fraction"] <= 1
   assert len(row["rows"]) == 2 and all(":" in r for r in row["rows"])  # 8 completions = 2 prompts × 4
   completions = [json.loads(line) for line in open(tmp_path / "completions.jsonl")]
@@ -48,21 +52,75 @@ def test_one_step_writes_metrics_completions_and_tensorboard(assets, tmp_path):
   assert (tmp_path / "checkpoints" / "1").is_dir()  # the last step is always saved
 
 
-def test_update_compiles_once(assets, tmp_path):
-  compiles, after_first = [], {}
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_steady_step_runs_prefill_decode_and_one_program_compiled_once(assets, tmp_path, overlap):
+  """Compile events name every executable: nothing compiles after step 1 (the update compiles once, in both modes),
+  and once the caches are cleared, one steady-state step runs exactly prefill + decode (its sampler call) + the step
+  program: no eager one-op programs (key fold-ins, scalar conversions, advantages) on the step path."""
+  compiles, after, counting, window = [], {}, [False], []
 
   def listener(event, duration, **kw):
     if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(event)
+      compiles.append(kw.get("fun_name"))
+      if counting[0]:
+        window.append(kw.get("fun_name"))
+
+  def on_step(step, m):
+    after[step] = len(compiles)
+    counting[0] = step == 3
+    if step == 3:  # from here to the next report: one step's dispatch (its sampling, splice, upload, program)
+      jax.clear_caches()
 
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    train.run(small_config(assets, steps=4), str(tmp_path),
-              on_step=lambda step, m: after_first.setdefault(step, len(compiles)))
+    train.run(small_config(assets, steps=6, overlap=overlap), str(tmp_path), on_step=on_step)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
-  assert after_first[1] > 0  # the first step compiles sampler, reward and update ...
-  assert after_first[4] == after_first[1], f"recompiled after step 1: {after_first}"  # ... and nothing after
+  assert after[1] > 0 and after[3] == after[1], f"recompiled after step 1: {after}, {compiles[after[1]:]}"
+  assert sorted(window) == ["jit(decode)", "jit(prefill)", "jit(rl_step_program)"], window
+
+
+def test_the_loop_allows_no_implicit_transfer(assets, tmp_path, monkeypatch):
+  """The loop runs under jax.transfer_guard("disallow"): a step batch handed to the program as NumPy (an implicit
+  upload) stops the run instead of passing silently."""
+  monkeypatch.setattr(train, "upload", lambda rs, ro, off_policy: rl_step.StepBatch(ro["reward"]))
+  with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+    train.run(small_config(assets, steps=1), str(tmp_path))
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_overlap_splices_the_next_step_while_the_program_runs(assets, tmp_path, monkeypatch, overlap):
+  """Timestamps: when each step program's outputs are ready (watched from a thread) and when each splice starts.
+  Overlapped, the splice of step k+1 starts before step k's program has finished; synchronous, after it (its
+  samples come from θ_k+1)."""
+  done, spliced = {}, []
+  make_step, finish_rollout = rl_step.make_step, train.finish_rollout
+
+  def watched_make_step(*args, **kw):
+    program = make_step(*args, **kw)
+
+    def run(*a):
+      out = program(*a)
+      k = len(done)
+      done[k] = None
+      threading.Thread(target=lambda: done.__setitem__(k, (jax.block_until_ready(out[1]), time.perf_counter())[1])
+                       ).start()
+      return out
+    return run
+
+  def timed_finish(*a, **kw):
+    spliced.append(time.perf_counter())
+    return finish_rollout(*a, **kw)
+
+  monkeypatch.setattr(rl_step, "make_step", watched_make_step)
+  monkeypatch.setattr(train, "finish_rollout", timed_finish)
+  # Long student rows and short completions: the step program outweighs a sampler call.
+  train.run(small_config(assets, steps=5, overlap=overlap, max_new_tokens=8, max_student_len=1024,
+                         batch_size=16), str(tmp_path))
+  time.sleep(0.5)
+  for k in range(1, 4):  # splice k+1 vs program k
+    before = spliced[k + 1] < done[k]
+    assert before == overlap, (k, spliced, done)
 
 
 def test_eight_devices_give_the_single_device_loss(assets, tmp_path):
@@ -106,9 +164,10 @@ def test_overlap_mode_equals_synchronous_while_the_policy_does_not_move(assets, 
   for a, b in zip(runs["sync0"], runs["over0"]):
     assert a["reward_mean"] == b["reward_mean"] and a["completion_len_mean"] == b["completion_len_mean"]
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and abs(b["off_policy_logp_gap"]) < 1e-4
-  # A moving policy: step 1 is on-policy (its loss is taken before any update, so it is the lr = 0 run's); later
-  # steps are sampled one update behind.
-  assert runs["over"][0]["loss"] == runs["sync0"][0]["loss"] and runs["over"][0]["off_policy_logp_gap"] == 0
+  # A moving policy: step 1 is sampled from the params it updates (its loss is the lr = 0 run's, the behaviour
+  # log-probs being the sampler's); later steps are sampled one update behind.
+  assert runs["over"][0]["loss"] == pytest.approx(runs["sync0"][0]["loss"], abs=1e-5)
+  assert abs(runs["over"][0]["off_policy_logp_gap"]) < 1e-4
   assert all(m["off_policy_logp_gap"] == 0 for m in runs["sync0"])
   assert all(abs(m["off_policy_logp_gap"]) > 1e-4 for m in runs["over"][1:])
 
@@ -117,17 +176,15 @@ def test_micro_batched_sampling_and_reward_equal_one_call(assets, tmp_path):
   """Near-greedy sampling (T → 0): the sampler's calls of one prompt each give the one call's tokens; the reward in
   parts of 2 rows gives the one call's rewards."""
   cfg = small_config(assets, temperature=1e-4, **{"reward.teacher_temperature": 1e-4})
-  rs = run_setup.setup(cfg, str(tmp_path))
+  rs = loading.setup(cfg, str(tmp_path))
   batch = next(iter(rs.dataset))
-  whole = train.finish_rollout(rs, batch, train.sample_step(rs, rs.teacher_params, batch, 0))
+  whole = train.rollout(rs, rs.teacher_params, batch, 0)
   rs.config.sample_micro_batch = 1
-  parts = train.finish_rollout(rs, batch, train.sample_step(rs, rs.teacher_params, batch, 0))
-  np.testing.assert_array_equal(parts["teacher_ids"], whole["teacher_ids"])
+  parts = train.rollout(rs, rs.teacher_params, batch, 0)
+  np.testing.assert_array_equal(parts["reward"].teacher_ids, whole["reward"].teacher_ids)
   np.testing.assert_allclose(parts["sample_logp"], whole["sample_logp"], atol=1e-5)
-  st = whole["student"]
-  args = (rs.teacher_config, rs.teacher_params, rs.student_config, rs.student_params, whole["teacher_ids"],
-          whole["teacher_mask"], whole["teacher_expl"], st["input_ids"], st["attention_mask"],
-          st["explanation_mask"], st["solution_mask"], st["matched"], rs.reward_config)
+  args = (rs.teacher_config, rs.teacher_params, rs.student_config, rs.student_params, whole["reward"],
+          rs.reward_config)
   one = rewards.rlt_rewards(*args, chunk_size=128)[0]
   split = rewards.rlt_rewards(*args, chunk_size=128, micro_batch=2)[0]
   np.testing.assert_allclose(np.asarray(split), np.asarray(one), atol=1e-5)
@@ -148,7 +205,7 @@ def test_micro_batched_sampling_and_reward_equal_one_call(assets, tmp_path):
     (dict(rollout_tensor=3), r"config.rollout_tensor: rollout tensor size 3 does not divide the mesh's 8 devices"),
 ])
 def test_bad_config_fails_at_start_naming_the_field(assets, tmp_path, overrides, message):
-  with pytest.raises(run_setup.ConfigError, match=message):
+  with pytest.raises(run_config.ConfigError, match=message):
     train.run(small_config(assets, **overrides), str(tmp_path))
   assert not (tmp_path / "metrics.jsonl").exists()
 
@@ -199,7 +256,7 @@ def test_non_finite_updates_are_skipped_then_the_run_stops(assets, tmp_path):
   rows = metrics_rows(tmp_path)
   assert [r["skipped"] for r in rows] == [True, True]
   import orbax.checkpoint as ocp
-  from rlt_jax import checkpoint
-  _, initial = checkpoint.load_hf(assets["teacher"])
+  from rlt_jax import hf_checkpoint
+  _, initial = hf_checkpoint.load_hf(assets["teacher"])
   restored = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "1" / "state")
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored["params"], initial)

@@ -1,9 +1,8 @@
 """A pure-functional Qwen2-family decoder (Qwen2, Qwen2.5, Llama-style configs).
 
 Params are a plain nested dict. Per-layer weights are stacked on a leading `layers` axis so the decoder is one
-`lax.scan` (compile time independent of depth). Shape suffixes: B batch, T query length, S key length, D hidden,
-H query heads, K kv heads, G = H/K query heads per kv head, E head dim, F MLP width, V vocab, L layers, C attention
-block (tile) size, N blocks.
+`lax.scan` (compile time independent of depth). Shape letters: docs/architecture.md's glossary
+(in attention T queries, S keys; C tokens of a tile, X tiles).
 """
 from __future__ import annotations
 
@@ -101,11 +100,11 @@ def rope_cos_sin(positions_BT, head_dim: int, theta: float):
   return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rope(x_BTNE, cos_BTE, sin_BTE):
-  x1, x2 = jnp.split(x_BTNE.astype(jnp.float32), 2, axis=-1)
+def apply_rope(x_BTHE, cos_BTE, sin_BTE):
+  x1, x2 = jnp.split(x_BTHE.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  out = x_BTNE.astype(jnp.float32) * cos_BTE[:, :, None] + rotated * sin_BTE[:, :, None]
-  return out.astype(x_BTNE.dtype)
+  out = x_BTHE.astype(jnp.float32) * cos_BTE[:, :, None] + rotated * sin_BTE[:, :, None]
+  return out.astype(x_BTHE.dtype)
 
 
 def _dense(x, p, spec: str, dtype):
@@ -116,7 +115,7 @@ def _dense(x, p, spec: str, dtype):
 
 
 def project_qkv(config: ModelConfig, attn_params, x_BTD, cos_BTE, sin_BTE):
-  """Rotated q [B,T,K,G,E], k [B,T,K,E] and v [B,T,K,E] of the tokens in `x`."""
+  """Rotated q [B,T,K,Q,E], k [B,T,K,E] and v [B,T,K,E] of the tokens in `x`."""
   dt = config.jnp_dtype
   q = _dense(x_BTD, attn_params["q_proj"], "btd,dhe->bthe", dt)
   k = _dense(x_BTD, attn_params["k_proj"], "btd,dke->btke", dt)
@@ -128,14 +127,14 @@ def project_qkv(config: ModelConfig, attn_params, x_BTD, cos_BTE, sin_BTE):
   return q.reshape(B, T, config.num_kv_heads, -1, E), k, v
 
 
-def attention(q_BTKGE, k_BSKE, v_BSKE, mask_BTS, implementation: str | None = None):
+def attention(q_BTKQE, k_BSKE, v_BSKE, mask_BTS, implementation: str | None = None):
   """Grouped-query softmax attention (logits and softmax in fp32). `mask` is True where a key is visible.
 
   `implementation` is passed to `jax.nn.dot_product_attention` (None: XLA; "cudnn": fused flash attention on GPU).
   A query row with no visible key (a padding token) gets a finite uniform softmax, never NaN.
   """
-  B, T, K, G, E = q_BTKGE.shape
-  out = jax.nn.dot_product_attention(q_BTKGE.reshape(B, T, K * G, E), k_BSKE, v_BSKE, mask=mask_BTS[:, None],
+  B, T, K, Q, E = q_BTKQE.shape
+  out = jax.nn.dot_product_attention(q_BTKQE.reshape(B, T, K * Q, E), k_BSKE, v_BSKE, mask=mask_BTS[:, None],
                                      implementation=implementation)
   return out
 
@@ -148,80 +147,80 @@ class CausalMask(NamedTuple):
   segment_ids_BT: jax.Array | None    # int, or None for one segment per row
 
 
-def _visible_BQS(mask: CausalMask, qidx_Q, seg_BQ):
+def _visible_BTS(mask: CausalMask, qidx_T, seg_BT):
   kidx_S = jnp.arange(mask.valid_BT.shape[1])
-  vis = (qidx_Q[:, None] >= kidx_S[None, :])[None] & mask.valid_BT[:, None, :]
+  vis = (qidx_T[:, None] >= kidx_S[None, :])[None] & mask.valid_BT[:, None, :]
   if mask.segment_ids_BT is not None:
-    vis = vis & (seg_BQ[:, :, None] == mask.segment_ids_BT[:, None, :])
+    vis = vis & (seg_BT[:, :, None] == mask.segment_ids_BT[:, None, :])
   return vis
 
 
-def blocked_attention(q_BTKGE, k_BTKE, v_BTKE, mask: CausalMask, block_size: int):
+def blocked_attention(q_BTKQE, k_BTKE, v_BTKE, mask: CausalMask, block_size: int):
   """Causal self-attention (`attention`'s math) in [C, C] tiles (C = `block_size`), skipping the causal future.
 
-  Memory: the sequence is cut into n blocks (n even; the tail is padded with dummy queries and invalid keys) and
-  the score tiles [B, K, G, C, C] are folded into the running max / sum / output of an online softmax, with each
+  Memory: the sequence is cut into X blocks (X even; the tail is padded with dummy queries and invalid keys) and
+  the score tiles [B, K, Q, C, C] are folded into the running max / sum / output of an online softmax, with each
   tile's visibility built from `mask` inside the step. So no [B, T, T] array exists, and under autodiff the only
   per-tile residuals are those of one pair of query blocks at a time (the pair body is under `jax.checkpoint`):
-  O(C·T) per head. Time: query block i needs key blocks 0..i only. Pairing query block p with n−1−p gives every
-  pair exactly n+1 tiles, so a static `lax.map` over the n/2 pairs with a `lax.scan` over n+1 tiles computes the
-  n(n+1)/2 lower-triangle tiles and nothing above the diagonal (no `lax.cond`, no dynamic shapes).
+  O(C·T) per head. Time: query block i needs key blocks 0..i only. Pairing query block p with X−1−p gives every
+  pair exactly X+1 tiles, so a static `lax.map` over the X/2 pairs with a `lax.scan` over X+1 tiles computes the
+  X(X+1)/2 lower-triangle tiles and nothing above the diagonal (no `lax.cond`, no dynamic shapes).
 
   Scores and softmax are fp32; a masked score is the same large finite negative number `jax.nn.dot_product_attention`
   uses, so a query row with no visible key (padding) gets a finite uniform average over the keys of its tiles,
   never NaN (NaNs in padding rows would reach real rows through 0·NaN in later layers). Rows with a visible key
   match `attention` with the dense mask up to fp32 rounding.
   """
-  B, T, K, G, E = q_BTKGE.shape
+  B, T, K, Q, E = q_BTKQE.shape
   C = min(int(block_size), T)
-  n = 2 * -(-T // (2 * C))
-  P = n // 2
-  pad = n * C - T
+  X = 2 * -(-T // (2 * C))
+  pairs = X // 2
+  pad = X * C - T
 
-  def blocks(x, fill=0):  # [B, T, ...] -> [n, B, C, ...]
+  def blocks(x, fill=0):  # [B, T, ...] -> [X, B, C, ...]
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    return x.reshape(B, n, C, *x.shape[2:]).swapaxes(0, 1)
+    return x.reshape(B, X, C, *x.shape[2:]).swapaxes(0, 1)
 
   # Heads before positions once here, so that every tile's two einsums are plain batched matmuls (no transposes).
-  q_NBKGCE = blocks(q_BTKGE).transpose(0, 1, 3, 4, 2, 5)
-  k_NBKCE, v_NBKCE = (blocks(x).transpose(0, 1, 3, 2, 4) for x in (k_BTKE, v_BTKE))
-  valid_NBC = blocks(mask.valid_BT, False)
-  seg_NBC = None if mask.segment_ids_BT is None else blocks(mask.segment_ids_BT, -1)
+  q_XBKQCE = blocks(q_BTKQE).transpose(0, 1, 3, 4, 2, 5)
+  k_XBKCE, v_XBKCE = (blocks(x).transpose(0, 1, 3, 2, 4) for x in (k_BTKE, v_BTKE))
+  valid_XBC = blocks(mask.valid_BT, False)
+  seg_XBC = None if mask.segment_ids_BT is None else blocks(mask.segment_ids_BT, -1)
   scale = jnp.asarray(1.0 / math.sqrt(E), jnp.float32)
   masked = jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, jnp.float32)
   arange_C = jnp.arange(C)
 
   @jax.checkpoint
   def pair(p):
-    """Query blocks p and n-1-p: running max, sum and output of both, stacked on a leading axis of 2."""
+    """Query blocks p and X-1-p: running max, sum and output of both, stacked on a leading axis of 2."""
 
     def tile(carry, t):
-      is_a = t <= p                   # tiles 0..p: block p vs key blocks 0..p; then block n-1-p vs 0..n-1-p
+      is_a = t <= p                   # tiles 0..p: block p vs key blocks 0..p; then block X-1-p vs 0..X-1-p
       ab = jnp.where(is_a, 0, 1)
-      qi, kj = jnp.where(is_a, p, n - 1 - p), jnp.where(is_a, t, t - p - 1)
+      qi, kj = jnp.where(is_a, p, X - 1 - p), jnp.where(is_a, t, t - p - 1)
       vis_BCS = (((qi * C + arange_C)[:, None] >= (kj * C + arange_C)[None, :])[None]
-                 & valid_NBC[kj][:, None, :])
-      if seg_NBC is not None:
-        vis_BCS = vis_BCS & (seg_NBC[qi][:, :, None] == seg_NBC[kj][:, None, :])
-      s = jnp.einsum("bkgqe,bkse->bkgqs", q_NBKGCE[qi], k_NBKCE[kj], preferred_element_type=jnp.float32) * scale
+                 & valid_XBC[kj][:, None, :])
+      if seg_XBC is not None:
+        vis_BCS = vis_BCS & (seg_XBC[qi][:, :, None] == seg_XBC[kj][:, None, :])
+      s = jnp.einsum("bkqte,bkse->bkqts", q_XBKQCE[qi], k_XBKCE[kj], preferred_element_type=jnp.float32) * scale
       s = jnp.where(vis_BCS[:, None, None], s, masked)
       m_old, l_old, acc_old = (x[ab] for x in carry)
       m_new = jnp.maximum(m_old, s.max(axis=-1))
       w = jnp.exp(s - m_new[..., None])
       corr = jnp.exp(m_old - m_new)
-      acc_new = acc_old * corr[..., None] + jnp.einsum("bkgqs,bkse->bkgqe", w.astype(v_BTKE.dtype), v_NBKCE[kj],
+      acc_new = acc_old * corr[..., None] + jnp.einsum("bkqts,bkse->bkqte", w.astype(v_BTKE.dtype), v_XBKCE[kj],
                                                        preferred_element_type=jnp.float32)
       new = (m_new, l_old * corr + w.sum(axis=-1), acc_new)
       return tuple(x.at[ab].set(y) for x, y in zip(carry, new)), None
 
-    init = (jnp.full((2, B, K, G, C), masked), jnp.zeros((2, B, K, G, C), jnp.float32),
-            jnp.zeros((2, B, K, G, C, E), jnp.float32))
-    (_, l, acc), _ = jax.lax.scan(tile, init, jnp.arange(n + 1))
-    return (acc / l[..., None]).astype(v_BTKE.dtype)   # [2, B, K, G, C, E]
+    init = (jnp.full((2, B, K, Q, C), masked), jnp.zeros((2, B, K, Q, C), jnp.float32),
+            jnp.zeros((2, B, K, Q, C, E), jnp.float32))
+    (_, l, acc), _ = jax.lax.scan(tile, init, jnp.arange(X + 1))
+    return (acc / l[..., None]).astype(v_BTKE.dtype)   # [2, B, K, Q, C, E]
 
-  out_P2BKGCE = jax.lax.map(pair, jnp.arange(P))
-  out_NBKGCE = jnp.concatenate([out_P2BKGCE[:, 0], out_P2BKGCE[::-1, 1]], axis=0)
-  out_BTHE = out_NBKGCE.transpose(1, 0, 4, 2, 3, 5).reshape(B, n * C, K * G, E)[:, :T]
+  out_pairs = jax.lax.map(pair, jnp.arange(pairs))
+  out_XBKQCE = jnp.concatenate([out_pairs[:, 0], out_pairs[::-1, 1]], axis=0)
+  out_BTHE = out_XBKQCE.transpose(1, 0, 4, 2, 3, 5).reshape(B, X * C, K * Q, E)[:, :T]
   return sharding.constrain(out_BTHE, ("batch", "length", "act_heads", None))
 
 
@@ -233,11 +232,11 @@ def attention_block_size(config: ModelConfig) -> int:
   return 64 if jax.default_backend() == "cpu" else 512
 
 
-def self_attention(config: ModelConfig, q_BTKGE, k_BTKE, v_BTKE, mask):
+def self_attention(config: ModelConfig, q_BTKQE, k_BTKE, v_BTKE, mask):
   """`blocked_attention` for a `CausalMask`, else `attention` with a dense [B, T, S] bool mask."""
   if isinstance(mask, CausalMask):
-    return blocked_attention(q_BTKGE, k_BTKE, v_BTKE, mask, attention_block_size(config))
-  return attention(q_BTKGE, k_BTKE, v_BTKE, mask, implementation=config.attention_impl)
+    return blocked_attention(q_BTKQE, k_BTKE, v_BTKE, mask, attention_block_size(config))
+  return attention(q_BTKQE, k_BTKE, v_BTKE, mask, implementation=config.attention_impl)
 
 
 def attention_output(config: ModelConfig, attn_params, out_BTHE):
@@ -275,7 +274,7 @@ def self_attention_mask(config: ModelConfig, mask_BT, segment_ids_BT=None):
   mask = CausalMask(mask_BT, segment_ids_BT)
   T = mask_BT.shape[1]
   if T <= attention_block_size(config) or config.attention_impl is not None:
-    return _visible_BQS(mask, jnp.arange(T), segment_ids_BT)
+    return _visible_BTS(mask, jnp.arange(T), segment_ids_BT)
   return mask
 
 

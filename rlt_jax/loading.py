@@ -1,0 +1,151 @@
+"""Building a run from its config: tokenizer, format, mesh and rules, models (Hugging Face folders, or the tiny local
+ones), the RL data pipeline and the rollout layout, all in `setup(cfg, workdir) -> RunSetup`; the pieces on their own
+for SFT and evaluation (`tiny_model_paths`, `make_format`, `make_mesh`, `load_model`)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from rlt_jax import data, formats, grpo, hf_checkpoint, rewards, rows, run_config, sharding, tiny
+from rlt_jax.models import qwen2
+from rlt_jax.models.config import ModelConfig
+
+
+@dataclasses.dataclass
+class RunSetup:
+  config: ml_collections.ConfigDict
+  tokenizer: object
+  fmt: formats.RLTFormat
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  teacher_config: ModelConfig
+  teacher_params: dict
+  student_config: ModelConfig
+  student_params: dict
+  grpo_config: grpo.GRPOConfig
+  reward_config: rewards.RewardConfig
+  dataset: object
+  eos_ids: tuple[int, ...]
+  rollout: Rollout = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+  """The layout sampling reads (sharding.rollout_mesh): its mesh, rules and the teacher params' shardings on it."""
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  shardings: object
+
+
+def make_rollout(cfg, mesh, teacher_config: ModelConfig, teacher_params) -> Rollout:
+  c = run_config.Checker(cfg)
+  rules = c.call("rollout_rules", sharding.normalize_rules, cfg.rollout_rules or sharding.ROLLOUT_RULES)
+  tensor = c.call("rollout_tensor", sharding.rollout_tensor, mesh, teacher_config.num_heads,
+                  teacher_config.num_kv_heads, int(cfg.rollout_tensor))
+  rmesh = sharding.rollout_mesh(mesh, tensor)
+  return Rollout(rmesh, rules, sharding.tree_shardings(qwen2.param_logical_axes(teacher_config), teacher_params,
+                                                       rmesh, rules))
+
+
+def tiny_model_paths(cfg, workdir: str) -> dict[str, str]:
+  """Paths of the tiny tokenizer, teacher and student under <workdir>/tiny_models, built once from the bundled
+  sample in the config's format and `tiny` shape (CPU runs, tests, notebooks; no network)."""
+  with open(data.SAMPLE_PATH) as f:
+    sample = [rows.read_row(json.loads(line)) for line in f if line.strip()]
+  overrides = {k: v for k, v in cfg.format.to_dict().items() if v}
+  # With several processes, process 0 builds first, so processes sharing the workdir's filesystem never write the
+  # same files at once; the others then find them built (or, on a disk of their own, build the same seeded models).
+  several = jax.process_count() > 1
+  if several and jax.process_index() != 0:
+    _barrier("rlt_jax tiny models")
+  paths = tiny.ensure_assets(os.path.join(workdir, "tiny_models"), sample, format_overrides=overrides,
+                             **cfg.tiny.to_dict())
+  if several and jax.process_index() == 0:
+    _barrier("rlt_jax tiny models")
+  return paths
+
+
+def make_format(cfg, tokenizer) -> formats.RLTFormat:
+  overrides = {k: v for k, v in cfg.format.to_dict().items() if k != "style" and v}
+  return run_config.Checker(cfg).call("format", formats.RLTFormat, tokenizer, style=cfg.format.style, **overrides)
+
+
+def make_mesh(cfg) -> tuple[jax.sharding.Mesh, tuple]:
+  """The config's mesh (over its first `num_devices` devices, 0 = all) and sharding rules."""
+  devices = jax.devices()[:cfg.num_devices] if cfg.num_devices else None
+  c = run_config.Checker(cfg)
+  mesh = c.call("mesh", sharding.make_mesh, cfg.mesh.to_dict(), devices)
+  return mesh, c.call("sharding_rules", sharding.normalize_rules, cfg.sharding_rules or sharding.DEFAULT_RULES)
+
+
+def load_model(cfg, path: str, tokenizer, mesh, rules, *, param_dtype: str | None = None,
+               **model_kw) -> tuple[ModelConfig, dict]:
+  """A Hugging Face model directory onto the mesh (params in `param_dtype`, default config.param_dtype; `model_kw`
+  set compute options such as dtype and remat); a tokenizer with more ids than the embedding has rows is a config
+  error."""
+  config, params = hf_checkpoint.load_hf(path, mesh=mesh, dtype=param_dtype or cfg.param_dtype, rules=rules)
+  if len(tokenizer) > config.vocab_size:
+    raise run_config.ConfigError(f"config.tokenizer_path: the tokenizer has {len(tokenizer)} ids but the model in "
+                                 f"{path} has {config.vocab_size} embedding rows")
+  return config.replace(**model_kw), params
+
+
+def setup(cfg, workdir: str, *, before_loading=None, training: bool = True) -> RunSetup:
+  """Everything an RL run needs, from its config. `before_loading(cfg, mesh)` runs once the mesh exists and before
+  any weights load (train.run passes the memory preflight); `training` as in `run_config.validate`."""
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO through absl
+  if jax.process_index() != 0:  # progress and info once, from process 0; warnings (e.g. bad rows) from every one
+    logging.getLogger("rlt_jax").setLevel(logging.WARNING)
+  g, r = run_config.validate(cfg, training=training)
+  os.makedirs(workdir, exist_ok=True)
+  teacher_path, student_path = cfg.teacher_path, cfg.student_path
+  tok_path = cfg.tokenizer_path or teacher_path
+  if not teacher_path:  # the default tiny run: everything built locally, no network
+    paths = tiny_model_paths(cfg, workdir)
+    teacher_path, student_path, tok_path = paths["teacher"], paths["student"], paths["tokenizer"]
+  tokenizer = hf_checkpoint.load_tokenizer(tok_path)
+  fmt = make_format(cfg, tokenizer)
+  mesh, rules = make_mesh(cfg)
+  if cfg.rollout_tensor:  # a size that cannot fit stops the run before any weights load
+    run_config.Checker(cfg).call("rollout_tensor", sharding.rollout_tensor, mesh, 1, 1, int(cfg.rollout_tensor))
+  if before_loading is not None:
+    before_loading(cfg, mesh)
+  model_kw = dict(dtype=cfg.dtype, remat=cfg.remat)
+  tc, tp = load_model(cfg, teacher_path, tokenizer, mesh, rules, **model_kw)
+  # The student is frozen: it only runs forwards, so it is stored in the compute dtype (no master copy).
+  sc, sp = load_model(cfg, student_path, tokenizer, mesh, rules, param_dtype=cfg.dtype, **model_kw)
+  _check_student_len(cfg, fmt)
+  stats = data.RowStats()
+  dataset = data.make_dataset([cfg.data.path or str(data.SAMPLE_PATH)], fmt, kind="prompt",
+                              batch_size=cfg.batch_size // cfg.group_size // jax.process_count(),
+                              buckets=(cfg.max_prompt_len,), seed=cfg.seed, num_epochs=None,
+                              reader=cfg.data.reader, strict=cfg.data.strict, stats=stats,
+                              data_dir=cfg.data.tfds_data_dir or None)
+  eos_ids = tuple(sorted({i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id)
+                          if isinstance(i, int) and i >= 0}))
+  return RunSetup(cfg, tokenizer, fmt, mesh, rules, tc, tp, sc, sp, g, r, dataset, eos_ids,
+                  make_rollout(cfg, mesh, tc, tp))
+
+
+def _barrier(name: str) -> None:
+  from jax.experimental import multihost_utils
+  multihost_utils.sync_global_devices(name)
+
+
+def _check_student_len(cfg, fmt: formats.RLTFormat) -> None:
+  """The student sequence = teacher prompt − teacher chat overhead + student chat overhead + completion; a config
+  whose `max_student_len` cannot hold the longest one fails here, not in the middle of a run."""
+  question, solution = "q", "s"
+  prompt = len(fmt.teacher_prompt(question, solution))
+  student = len(fmt.student_example(question, solution, np.zeros(0, np.int32)).input_ids)
+  longest = cfg.max_prompt_len - prompt + student + cfg.max_new_tokens + 8  # 8: BPE merges at the splice points
+  run_config.Checker(cfg).need(cfg.max_student_len >= longest, "max_student_len",
+                               f"student sequences can reach {longest} tokens with max_prompt_len={cfg.max_prompt_len} "
+                               f"and max_new_tokens={cfg.max_new_tokens}; set it to at least {longest}")

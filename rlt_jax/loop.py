@@ -1,0 +1,79 @@
+"""The loop both trainers run (`train.run` for RL, `sft.run` for SFT): dispatch step k, report step k−1,
+checkpoint, stop.
+
+A `Trainer` queues a step's device work in `dispatch(k)` and reads it back in `report(k, out)`. The loop reports
+step k−1 only after step k is queued, so the host never leaves the devices idle between steps and a step's metrics
+come back a step late, in one transfer. The loop runs under `jax.transfer_guard("disallow")`: every host↔device
+transfer on the step path is an explicit `device_put` / `device_get` (checkpoint writes are allowed their own).
+Before a checkpoint every pending step is reported, so `metrics.jsonl` never ends before the checkpoint a resume
+starts from.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+import jax
+
+
+class Trainer(Protocol):
+  state: Any  # the train state pytree the checkpoints hold
+
+  def dispatch(self, step: int) -> Any:
+    """Queues step `step` (0-based) and returns what `report` needs; must not wait for the devices."""
+
+  def report(self, step: int, out: Any, seconds: float) -> tuple[dict, list | None]:
+    """(metrics of step `step`, its data rows or None), reading `out` back."""
+
+  def check(self, step: int, metrics: dict) -> None:
+    """Raises to stop the run, once step `step`'s metrics are written (so the log shows why it stopped)."""
+
+  def data_state(self) -> dict:
+    """The data-iterator state that goes with `state` in a checkpoint (before any batch read ahead)."""
+
+
+def progress(total: int, initial: int, desc: str = "rlt", unit: str = "step"):
+  from tqdm import tqdm
+  return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=jax.process_index() != 0,
+              dynamic_ncols=True)
+
+
+def run(trainer: Trainer, *, start: int, total: int, checkpoint_every: int, ckpt, writer, bar, on_step=None,
+        postfix=None) -> dict:
+  """Steps `start` … `total`−1; returns the last step's metrics. `ckpt.save(step, state, data_state)` every
+  `checkpoint_every` steps and at the end; `writer.write(step, metrics, rows=...)`, `on_step(step, metrics)` and
+  the progress bar (with `postfix(metrics)`) per step, in order."""
+  last: dict = {}
+  pending = None
+  clock = [time.perf_counter()]
+
+  def finish(step, out):
+    nonlocal last
+    now = time.perf_counter()
+    last, rows = trainer.report(step, out, now - clock[0])
+    clock[0] = now
+    writer.write(step + 1, last, **({} if rows is None else {"rows": rows}))
+    bar.update(1)
+    if postfix is not None:
+      bar.set_postfix(**postfix(last))
+    if on_step is not None:
+      on_step(step + 1, last)
+    trainer.check(step, last)
+
+  try:
+    with jax.transfer_guard("disallow"):
+      for step in range(start, total):
+        out = trainer.dispatch(step)
+        if pending is not None:
+          finish(*pending)
+        pending = (step, out)
+        if (step + 1) % checkpoint_every == 0 or step + 1 == total:
+          finish(*pending)
+          pending = None
+          with jax.transfer_guard("allow"):  # orbax reads the state back itself
+            ckpt.save(step + 1, trainer.state, trainer.data_state())
+  finally:  # an exception (or Ctrl-C) still finishes the checkpoint in flight
+    ckpt.wait()
+    bar.close()
+    writer.close()
+  return last

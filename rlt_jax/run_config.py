@@ -1,0 +1,182 @@
+"""Run configs: the RL run's `default_config`, `config_file` (a config built from another file) and the validation
+that stops a run before any work, every error (`ConfigError`) naming the field as the user types it. `Checker` is the
+one helper of every validator (`validate` here for RL and distillation runs, `sft.validate`, `distill.validate`,
+`evaluate.validate`, the planner's checks); `check_common` holds the checks RL, SFT and distillation share."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+
+from rlt_jax import decode, grpo, memory, precision, rewards, sharding, sources
+
+
+class ConfigError(ValueError):
+  """A bad config value, reported before any work starts."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field of an RL run, with the paper's recipe where it has one (METHOD_SPEC §3, §8)."""
+  c = ml_collections.ConfigDict()
+  c.workdir = "runs/rlt"
+  c.seed = 42
+  c.teacher_path = ""        # HF model dir of the teacher (required unless tiny_models)
+  c.student_path = ""        # HF model dir of the frozen student that scores explanations
+  c.tiny_models = False      # True with empty paths: build tiny warmed-up models under <workdir>/tiny_models
+  c.tokenizer_path = ""      # "" = the teacher's directory (teacher and student must share the tokenizer)
+  c.tiny = ml_collections.ConfigDict(dict(vocab_size=1024, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
+                                          warmup_steps=100))
+  c.param_dtype = "float32"  # the trained params and AdamW moments (fp32 masters with a bf16 `dtype`)
+  c.dtype = "float32"        # compute dtype of matmuls and activations; the student, the reference and the
+                             # once-a-step copy that sampling and the reward read are stored in it
+  c.remat = "none"           # none | full | dots
+  c.data = ml_collections.ConfigDict(dict(path="", reader="auto", strict=False,  # path "" = bundled GSM8K sample
+                                          tfds_data_dir=""))  # where tfds:NAME:SPLIT paths live ("" = TFDS's default)
+  c.format = ml_collections.ConfigDict(dict(style="stratos", teacher_system="", student_system=""))  # "" = default
+  c.batch_size = 1024        # completions per step (prompts × group_size)
+  c.group_size = 64          # G samples per prompt
+  c.max_prompt_len = 16384
+  c.max_new_tokens = 16384
+  c.max_student_len = 32768
+  c.temperature = 0.7
+  c.top_p = 1.0
+  c.steps = 125
+  c.grpo = ml_collections.ConfigDict(dataclasses.asdict(grpo.GRPOConfig()))
+  c.reward = ml_collections.ConfigDict(dataclasses.asdict(rewards.RewardConfig()))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.num_devices = 0          # 0 = every device; n = only the first n (to compare layouts on one machine)
+  c.sharding_rules = ()      # () = sharding.DEFAULT_RULES; else (logical, mesh axes) pairs
+  c.rollout_tensor = 0       # devices a rollout (sampling) copy is split over; 0 = most that divide the heads in a host
+  c.rollout_rules = ()       # () = sharding.ROLLOUT_RULES: the rollout copy's rules on its (data, 1, tensor) mesh
+  c.logprob_chunk_size = 512
+  c.sample_micro_batch = 0   # prompts per sampler call (0 = the step's prompts in one call); see rlt_jax.plan
+  c.reward_micro_batch = 0   # rows per reward part inside the reward call (0 = all at once)
+  c.decode = ml_collections.ConfigDict(decode.Schedule()._asdict())  # how decode sheds work (rlt_jax.decode.Schedule)
+  c.overlap = False          # sample step k+1 from θ_k while the update θ_k → θ_k+1 runs (one step off-policy)
+  c.checkpoint_every = 25
+  c.keep_checkpoints = 3
+  c.resume = True
+  c.log_completions_fraction = 0.1
+  c.tensorboard = True
+  c.max_bad_steps = 3
+  c.export_dir = "export"    # under workdir: the final teacher in HF format ("" = none)
+  c.export_dtype = ""        # dtype of the exported tensors ("" = param_dtype, e.g. the fp32 masters)
+  c.preflight = True         # plan the run's memory for the real mesh and devices before loading (rlt_jax.preflight)
+  c.chip = ""                # "" = detect from the devices; a rlt_jax.plan chip name (h100, tpu-v5p, ...) declares it
+  return c
+
+
+def config_file(path: str, *, relative_to: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file (a path relative to the file `relative_to`, when given): how a hardware
+  config starts from the recipe it sizes."""
+  import importlib.util
+  if relative_to:
+    path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
+  spec = importlib.util.spec_from_file_location(os.path.basename(path).removesuffix(".py").replace(".", "_"), path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+class Checker:
+  """ConfigErrors that name the field as the user types it, for one config:
+
+    c = Checker(cfg)
+    c.need(cfg.steps >= 1, "steps", "must be >= 1")            # config.steps=0: must be >= 1
+    g = c.call("grpo", grpo.GRPOConfig, **cfg.grpo.to_dict())  # config.grpo: <the constructor's ValueError>
+  """
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+
+  def value(self, field: str):
+    """The config's value at a dotted field name ("data.path"), or None when there is none."""
+    node = self.cfg
+    for k in field.split("."):
+      if not hasattr(node, "keys") or k not in node:
+        return None
+      node = node[k]
+    return node
+
+  def need(self, ok, field: str, msg: str) -> None:
+    """A ConfigError `config.<field>=<value>: <msg>` unless `ok`."""
+    if not ok:
+      raise ConfigError(f"config.{field}={self.value(field)!r}: {msg}")
+
+  def call(self, field: str, fn, *args, **kw):
+    """`fn(*args, **kw)`; a ValueError or TypeError it raises becomes the ConfigError `config.<field>: <error>`."""
+    try:
+      return fn(*args, **kw)
+    except (ValueError, TypeError) as e:
+      raise ConfigError(f"config.{field}: {e}") from None
+
+
+def check_common(cfg, need, *, lr_field: str | None, learning_rate: float = 0.0) -> None:
+  """Checks that RL, SFT and distillation share: dtypes (and, when `lr_field` names the learning rate of a training
+  run, one the stored params can take), export dtype, chip, data."""
+  for f in ("param_dtype", "dtype") + (("export_dtype",) if cfg.export_dtype else ()):
+    need(cfg[f] in precision.DTYPES, f, f"must be one of {sorted(precision.DTYPES)}")
+  msg = lr_field and precision.check_learning_rate(learning_rate, cfg.param_dtype, lr_field, "param_dtype")
+  if msg:
+    raise ConfigError(msg)
+  need(cfg.chip in ("",) + memory.CHIP_NAMES, "chip", f"must be '' (detect) or one of {sorted(memory.CHIP_NAMES)}")
+  if cfg.data.path:
+    why = sources.check_source(cfg.data.path, data_dir=cfg.data.get("tfds_data_dir") or None)
+    need(why is None, "data.path", f"cannot be read: {why} (expected a .jsonl/.json/.parquet/.array_record file, "
+         "a Hugging Face save_to_disk folder, or tfds:NAME:SPLIT)")
+
+
+def validate(cfg, *, training: bool = True) -> tuple[grpo.GRPOConfig, rewards.RewardConfig]:
+  """Checks the config before any work; every error names the field. `training=False` (distillation: the teacher
+  only samples) skips the check that the learning rate survives the params' dtype."""
+  c = Checker(cfg)
+  need = c.need
+  need(cfg.group_size >= 1, "group_size", "must be >= 1")
+  need(cfg.batch_size >= 1 and cfg.batch_size % cfg.group_size == 0, "batch_size",
+       f"must be a positive multiple of config.group_size={cfg.group_size}")
+  prompts = cfg.batch_size // cfg.group_size
+  need(prompts % jax.process_count() == 0, "batch_size",
+       f"gives {prompts} prompts a step, not divisible by the {jax.process_count()} processes")
+  need(cfg.num_devices == 0 or jax.process_count() == 1, "num_devices",
+       f"must be 0 (every device) with {jax.process_count()} processes: the mesh needs every process's devices")
+  for f in ("max_prompt_len", "max_new_tokens", "max_student_len", "steps", "checkpoint_every",
+            "logprob_chunk_size", "max_bad_steps", "keep_checkpoints"):
+    need(int(cfg[f]) >= 1, f, "must be >= 1")
+  need(cfg.sample_micro_batch >= 0 and (not cfg.sample_micro_batch or prompts % cfg.sample_micro_batch == 0),
+       "sample_micro_batch", f"must be 0 or divide the {prompts} prompts of a step")
+  need(cfg.reward_micro_batch >= 0 and (not cfg.reward_micro_batch or cfg.batch_size % cfg.reward_micro_batch == 0),
+       "reward_micro_batch", f"must be 0 or divide config.batch_size={cfg.batch_size}")
+  need(cfg.temperature > 0, "temperature", "must be > 0 (GRPO needs sampled, not greedy, completions)")
+  need(0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
+  need(0 <= cfg.log_completions_fraction <= 1, "log_completions_fraction", "must be in [0, 1]")
+  for f in ("teacher_path", "student_path", "tokenizer_path"):
+    path = cfg[f]
+    need(not path or os.path.isdir(path), f, "is not a directory")
+    need(not path or f == "tokenizer_path" or os.path.isfile(os.path.join(path, "config.json")), f,
+         "has no config.json (a Hugging Face model directory is expected)")
+  need(bool(cfg.teacher_path) == bool(cfg.student_path), "student_path",
+       "set teacher_path and student_path together (both empty builds tiny local models)")
+  need(bool(cfg.teacher_path) or cfg.tiny_models, "teacher_path",
+       "is required (a Hugging Face model directory), unless config.tiny_models=True")
+  g = c.call("grpo", grpo.GRPOConfig, **cfg.grpo.to_dict())
+  check_common(cfg, need, lr_field="grpo.learning_rate" if training else None, learning_rate=g.learning_rate)
+  r = c.call("reward", rewards.RewardConfig, **cfg.reward.to_dict())
+  need(cfg.batch_size % g.micro_batches == 0, "batch_size",
+       f"must be divisible by config.grpo.micro_batches={g.micro_batches}")
+  # One update per sampled batch, as in the paper: the step program derives the old log-probs from the current
+  # policy (ratio exactly 1) or, off-policy, takes the sampler's; it does not re-use a batch for several updates.
+  need(g.num_iterations == 1, "grpo.num_iterations",
+       "must be 1: each sampled batch gets one update (the paper's setting); sample more rows a step instead")
+  need(abs(r.teacher_temperature - cfg.temperature) < 1e-9, "reward.teacher_temperature",
+       f"must equal config.temperature={cfg.temperature}: the reward's ℓ_t and the policy's log-probs in the update "
+       "are at the sampling temperature")
+  c.call("mesh", lambda: [int(v) for v in cfg.mesh.values()])
+  c.call("sharding_rules", sharding.normalize_rules, cfg.sharding_rules or sharding.DEFAULT_RULES)
+  c.call("rollout_rules", sharding.normalize_rules, cfg.rollout_rules or sharding.ROLLOUT_RULES)
+  need(int(cfg.rollout_tensor) >= 0, "rollout_tensor", "must be >= 0 (0 = chosen from the heads and devices)")
+  need(int(cfg.decode.window) >= 0, "decode.window", "must be >= 0 (0 = every step reads every cache slot)")
+  need(int(cfg.decode.buckets) >= 1, "decode.buckets", "must be >= 1 (1 = no packing of finished rows)")
+  need(int(cfg.decode.min_rows) >= 1, "decode.min_rows", "must be >= 1")
+  return g, r

@@ -1,0 +1,32 @@
+"""The validators' one helper: errors name the field as the user types it (`config.data.path='x': ...`)."""
+import pytest
+
+from rlt_jax import grpo, run_config
+
+
+def test_checker_names_the_field_as_typed():
+  cfg = run_config.default_config()
+  c = run_config.Checker(cfg)
+  assert c.value("data.path") == "" and c.value("grpo.beta") == 0.04 and c.value("no.such") is None
+  c.need(True, "steps", "is never reported")
+  with pytest.raises(run_config.ConfigError, match=r"^config\.data\.path='': must be set$"):
+    c.need(False, "data.path", "must be set")
+  with pytest.raises(run_config.ConfigError, match=r"^config\.steps=125: must be >= 1000$"):
+    c.need(cfg.steps >= 1000, "steps", "must be >= 1000")
+  assert c.call("grpo", grpo.GRPOConfig, micro_batches=2).micro_batches == 2
+  with pytest.raises(run_config.ConfigError, match=r"^config\.grpo: GRPOConfig\.micro_batches=0: must be >= 1$"):
+    c.call("grpo", grpo.GRPOConfig, micro_batches=0)
+  with pytest.raises(run_config.ConfigError, match=r"^config\.mesh: "):
+    c.call("mesh", lambda: int("x"))
+
+
+def test_validate_names_the_fields_a_step_cannot_honour():
+  cfg = run_config.default_config()
+  cfg.tiny_models = True
+  run_config.validate(cfg)  # the defaults pass
+  cfg.grpo.num_iterations = 2
+  with pytest.raises(run_config.ConfigError, match=r"^config\.grpo\.num_iterations=2: must be 1"):
+    run_config.validate(cfg)
+  cfg.grpo.num_iterations, cfg.reward.teacher_temperature = 1, 1.0
+  with pytest.raises(run_config.ConfigError, match=r"^config\.reward\.teacher_temperature=1\.0: must equal"):
+    run_config.validate(cfg)
