@@ -29,8 +29,10 @@ and is found at --peer-python, else $RLT_PEER_PYTHON, else /work/trl-venv/bin/py
 Full step timing: each side first runs --warmup untimed steps (compilation on our side, lazy init on TRL's), then the
 sides take turns, one window of --window steps each, --windows times (they never run at the same time; this shared
 CPU has slow spells, so each side's best window counts). A step is timed from the end of the previous one, data
-loading, logging and metric writing included. Mean completion lengths (tokens, eos included) are printed beside the
-rates: a side that stops earlier does less work.
+loading, logging and metric writing included. Our loop queues device work a step ahead, so at every window's end we
+wait for that work (it is counted in the window that queued it) before the peer's window starts, and the loop runs
+two untimed steps more so that the last window is like the others. Mean completion lengths (tokens, eos included)
+are printed beside the rates: a side that stops earlier does less work.
 
 Phases. TRL's come from its timed windows: generate, the reward function, and the rest (reference and policy
 forwards, backward, AdamW, TRL's bookkeeping). Ours are measured after the windows, with the peer idle, at the
@@ -167,7 +169,9 @@ def build(args):
     paths = small_assets(args.assets, sample, overrides)
   cfg.teacher_path, cfg.student_path, cfg.tokenizer_path = paths["teacher"], paths["student"], paths["tokenizer"]
   cfg.batch_size, cfg.group_size, cfg.max_new_tokens = args.batch, args.group, args.max_new_tokens
-  cfg.steps = args.warmup + args.window * args.windows
+  # Two more than the timed steps: the loop reports step k after dispatching step k+1 (and queues sampling k+2), so
+  # the last window's steps are dispatched, and drained, like every other window's.
+  cfg.steps = args.warmup + args.window * args.windows + 2
   cfg.checkpoint_every, cfg.tensorboard, cfg.export_dir = 10 ** 6, False, ""
   cfg.seed = args.seed
   tok = hf_checkpoint.load_tokenizer(paths["tokenizer"])
@@ -375,16 +379,30 @@ def main():
   ours_windows, peer_windows, current = [], [], []
   clock = {"resume": None}
 
+  timed_steps = args.window * args.windows
+
+  def drain():
+    """Waits for our queued device work (the loop runs a step ahead: the last step's program and the next
+    sampling are in flight), so that the peer's window never shares the CPU with it."""
+    jax.block_until_ready(jax.live_arrays())
+
   def on_step(step, m):
+    if step > args.warmup + timed_steps:  # the extra steps that let the last window dispatch like the others
+      return
     now = time.perf_counter()
     if step > args.warmup:
       current.append(dict(seconds=now - clock["resume"], len_mean=m["completion_len_mean"],
                           reward_mean=m["reward_mean"]))
     if step == args.warmup:  # the peer finishes its own warm-up while we wait (untimed)
+      drain()
       ready = peer.record()
       print(f"ours: {args.warmup} warm-up step(s) done in {now - t0:.1f}s since start; peer ready at its step "
             f"{ready['ready']}", flush=True)
     elif (step - args.warmup) % args.window == 0:
+      # A window holds the device work of its own steps: W splices and programs, W samplings (the first one was
+      # drained into the previous window, the one after the window's last program drains into this one).
+      drain()
+      current[-1]["seconds"] += time.perf_counter() - now
       ours_windows.append(list(current))
       current.clear()
       peer_windows.append(peer.window(args.window))
