@@ -9,8 +9,8 @@ Old (behaviour) log-probs: synchronous, the policy's own log-probs, stopped (the
 official code); `off_policy` (overlap mode: step k+1 is sampled from θ_k while θ_k → θ_k+1 runs), the sampler's.
 The reference forward runs inside each update micro-batch, so only one part's activations are live.
 
-Letters: B rows (prompts × G, the group size), P prompt length, N completion length (`max_new_tokens`),
-T = P + N teacher sequence, S student sequence (docs/glossary.md).
+Letters (docs/architecture.md's glossary): B rows (prompts × G, the group size), P prompt length, N completion
+length (`max_new_tokens`), T = P + N teacher sequence, S student sequence.
 """
 from __future__ import annotations
 
@@ -71,8 +71,9 @@ def update(sc: StepConfig, optimizer, state: dict, batch: UpdateBatch):
   denominators = (batch.ids_BT.shape[0], jnp.sum(batch.mask_BT[:, -N:]))
 
   def completion_logp(params, part: UpdateBatch):
+    # Only the completion's N positions go through the vocabulary projection (the prompt's are never read).
     return logprobs.token_logprobs(sc.teacher, params, part.ids_BT, part.mask_BT, temperature=sc.reward.
-                                   teacher_temperature, chunk_size=sc.chunk_size)[:, -N:]
+                                   teacher_temperature, chunk_size=sc.chunk_size, last=N)
 
   def loss_fn(params, part: UpdateBatch):
     lp_BN = completion_logp(params, part)

@@ -38,6 +38,34 @@ def test_token_logprobs_matches_full_logits(tiny):
   assert ref[:, 1:].std() > 0.5  # the distributions are far from uniform, so the check has teeth
 
 
+def test_the_last_tokens_alone_match_the_oracle_and_project_only_their_positions(tiny):
+  params, ids, mask = tiny
+  ref = np_token_logprobs(qwen2.forward(TINY, params, ids, mask), ids, 0.7)
+  fn = lambda p, n: logprobs.token_logprobs(TINY, p, ids, mask, temperature=0.7, chunk_size=8, last=n)  # noqa: E731
+  for n in (1, 12, 36):
+    got = np.asarray(jax.jit(fn, static_argnums=1)(params, n))
+    assert got.shape == (3, n)
+    np.testing.assert_allclose(got, ref[:, -n:], atol=1e-5, rtol=0)
+  # The vocabulary projection sees only the 13 positions that predict the last 12 tokens: 2 chunks of 8, not 5.
+  jaxpr = jax.make_jaxpr(lambda p: fn(p, 12))(params).jaxpr
+  assert _max_vocab_array(jaxpr, TINY.vocab_size) == 3 * 8 * TINY.vocab_size
+  full = jax.make_jaxpr(lambda p: fn(p, None))(params).jaxpr
+  scans = lambda j: sorted(e.params["length"] for e in _all_eqns(j) if e.primitive.name == "scan")  # noqa: E731
+  assert scans(full) == [2, 5] and scans(jaxpr) == [2, 2]  # the layer scan, then the chunk map: 5 chunks -> 2
+  with pytest.raises(ValueError, match=r"last=37 must be in \[1, 36\]"):
+    fn(params, 37)
+
+
+def _all_eqns(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (list, tuple)) else [p]):
+        inner = getattr(sub, "jaxpr", sub)
+        if isinstance(inner, jax.extend.core.Jaxpr):
+          yield from _all_eqns(inner)
+
+
 def _naive_logprobs(config, params, ids, mask, temperature):
   logits = qwen2.forward(config, params, ids, mask) / temperature
   picked = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), ids[:, 1:, None], -1)[..., 0]

@@ -60,8 +60,9 @@ def hidden_logprobs(config: ModelConfig, params, hidden_BTD, input_ids, *, tempe
 
 
 def token_logprobs(config: ModelConfig, params, input_ids, attention_mask=None, *, temperature: float = 1.0,
-                   chunk_size: int = 512, positions=None, segment_ids=None):
-  """Per-token log-probs [B, T] (fp32) of `input_ids` under the model.
+                   chunk_size: int = 512, positions=None, segment_ids=None, last: int | None = None):
+  """Per-token log-probs [B, T] (fp32) of `input_ids` under the model; with `last`, only those of the last `last`
+  tokens, [B, last] (the vocabulary projection then runs on the positions that predict them, not on all T).
 
   Entry t is log softmax(logits[t−1] / temperature)[input_ids[t]] for t >= 1, and 0 at t = 0. Entries at padding (and
   at the first real token of a left-padded row) are finite but meaningless: mask them. Differentiable w.r.t. params
@@ -71,4 +72,14 @@ def token_logprobs(config: ModelConfig, params, input_ids, attention_mask=None, 
   """
   h_BTD = qwen2.forward_hidden(config, params, input_ids, attention_mask, positions=positions,
                                segment_ids=segment_ids)
-  return hidden_logprobs(config, params, h_BTD, input_ids, temperature=temperature, chunk_size=chunk_size)
+  if last is None:
+    return hidden_logprobs(config, params, h_BTD, input_ids, temperature=temperature, chunk_size=chunk_size)
+  T = h_BTD.shape[1]
+  if not 1 <= int(last) < T:
+    raise ValueError(f"token_logprobs: last={last!r} must be in [1, {T - 1}] for a sequence of {T} tokens")
+  # Position t−1 predicts token t: the last `last` tokens need the `last` positions before them (one more column in,
+  # whose own entry, the placeholder 0, is dropped).
+  keep = int(last) + 1
+  lp = hidden_logprobs(config, params, h_BTD[:, -keep:], jnp.asarray(input_ids)[:, -keep:], temperature=temperature,
+                       chunk_size=chunk_size)
+  return lp[:, 1:]
