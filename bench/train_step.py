@@ -42,14 +42,16 @@ it, the reward (jitted `rewards.reward_rows`) and the update (jitted `rl_step.up
 forward + backward, AdamW) separately. Our loop's own per-phase split is not used: its device work runs
 asynchronously, so its "sample" wait also holds the previous step's program.
 
-FLOP counts are analytic, for the shapes computed (padding included, the vocabulary projection at every position as
-the code does it): a forward over R rows of L positions is R·(2·W·L + 2·L²·layers·heads·head_dim), W the matmul
-weights (q, k, v, o, gate, up, down and the [hidden, vocab] projection), the second term causal attention (QKᵀ and
-PV, half of 4·L²·heads·head_dim). Reward = teacher forward [B, P+N] + student forward [B, S]; update = reference
-forward + 3× policy forward (backward = 2× forward; the recomputed logit chunks are not counted); step program =
-reward + update; sample = prefill of the prompts + one decode row-step per generated token (2·W + 4·context·
-layers·heads·head_dim each). Percentages are of this CPU's fp32 matmul peak measured in the same run (best square
-matmul of PEAK_SIZES through XLA and through torch at --threads, both printed; % of the higher one).
+FLOP counts are analytic, for the shapes computed (padding included, the vocabulary projection where the code does
+it): a forward over R rows of L positions, K of them projected onto the vocabulary, is R·(2·W·L + 2·D·V·K +
+2·L²·layers·heads·head_dim), W the layers' matmul weights (q, k, v, o, gate, up, down), D·V the projection, the last
+term causal attention (QKᵀ and PV, half of 4·L²·heads·head_dim). The teacher's forwards project K = N + 1 positions
+(those that predict the completion: `token_logprobs(last=N)`), the student's all S. Reward = teacher forward
+[B, P+N] + student forward [B, S]; update = reference forward + 3× policy forward (backward = 2× forward; the
+recomputed logit chunks are not counted); step program = reward + update; sample = prefill of the prompts (K = 1)
++ one decode row-step per generated token (2·(W + D·V) + 4·context·layers·heads·head_dim each). Percentages are of
+this CPU's fp32 matmul peak measured in the same run (best square matmul of PEAK_SIZES through XLA and through
+torch at --threads, both printed; % of the higher one).
 
 Peer threads: --threads (default 2, one per core). When other processes hold the cores, PyTorch's OpenMP workers
 wait on each other and a 2-thread peer runs many times slower than a 1-thread one (measured here: 2.3 vs 14.2
@@ -249,10 +251,14 @@ def matmul_weights(c) -> int:
   return c.num_layers * layer + c.hidden_size * c.vocab_size
 
 
-def forward_flops(c, rows: int, length: int) -> float:
-  """One forward over `rows` sequences of `length` positions: the matmuls plus causal attention (QKᵀ and PV over
-  the lower triangle: half of 4·L²·heads·head_dim a layer)."""
-  return rows * (2 * matmul_weights(c) * length + 2 * length ** 2 * c.num_layers * c.num_heads * c.head_dim)
+def forward_flops(c, rows: int, length: int, projected: int | None = None) -> float:
+  """One forward over `rows` sequences of `length` positions, `projected` of them (default all) through the
+  vocabulary projection: the matmuls plus causal attention (QKᵀ and PV over the lower triangle: half of
+  4·L²·heads·head_dim a layer)."""
+  vocab = c.hidden_size * c.vocab_size
+  projected = length if projected is None else projected
+  return rows * (2 * (matmul_weights(c) - vocab) * length + 2 * vocab * projected +
+                 2 * length ** 2 * c.num_layers * c.num_heads * c.head_dim)
 
 
 def decode_flops(c, row_steps: float, context: float) -> float:
@@ -278,7 +284,7 @@ def measure_phases(cfg, workdir: str, repeats: int) -> dict:
     rollout_params, keys = trainer.first(live["state"]["params"], live["state"]["step"])
   reward_fn = jax.jit(lambda params, student, rb: rewards.reward_rows(
       sc.teacher, params, sc.student, student, rb, sc.reward, chunk_size=sc.chunk_size,
-      micro_batch=sc.reward_micro_batch))
+      micro_batch=sc.reward_micro_batch, teacher_last=sc.completion_len))  # as the step program calls it
   update_fn = jax.jit(functools.partial(rl_step.update, sc, optimizer), donate_argnums=0)
 
   def sample():
@@ -319,9 +325,11 @@ def measure_phases(cfg, workdir: str, repeats: int) -> dict:
   P = T - N
   lengths = live["rollout"]["lengths"]
   row_steps = live["rollout"]["decode_row_steps"]
-  reward_flops = forward_flops(sc.teacher, B, T) + forward_flops(sc.student, B, S)
-  update_flops = (forward_flops(sc.teacher, B, T) if sc.grpo.beta > 0 else 0) + 3 * forward_flops(sc.teacher, B, T)
-  flops = dict(sample=forward_flops(sc.teacher, B // sc.group_size, P) +
+  # The teacher's forwards (reward, reference, policy) project only the N + 1 positions that predict the completion.
+  teacher = forward_flops(sc.teacher, B, T, projected=N + 1)
+  reward_flops = teacher + forward_flops(sc.student, B, S)
+  update_flops = (teacher if sc.grpo.beta > 0 else 0) + 3 * teacher
+  flops = dict(sample=forward_flops(sc.teacher, B // sc.group_size, P, projected=1) +
                decode_flops(sc.teacher, row_steps, P + float(lengths.mean()) / 2),
                splice=0.0, reward=reward_flops, update=update_flops, program=reward_flops + update_flops)
   real = dict(teacher=float(np.mean(live["rollout"]["reward"].teacher_mask)),

@@ -197,12 +197,15 @@ class RewardBatch(NamedTuple):
 
 
 def reward_rows(teacher_config: ModelConfig, teacher_params, student_config: ModelConfig, student_params,
-                batch: RewardBatch, reward_config: RewardConfig, *, chunk_size: int, micro_batch: int = 0):
+                batch: RewardBatch, reward_config: RewardConfig, *, chunk_size: int, micro_batch: int = 0,
+                teacher_last: int | None = None):
   """(reward [B], metrics, teacher log-probs [B, T]) of a batch: pure and traceable (`rlt_rewards` jits it; the RL
   step program calls it inside its own jit). With `micro_batch`, rows are scored in parts of that many inside a
-  `lax.map`, so one part's activations are live at a time."""
+  `lax.map`, so one part's activations are live at a time. With `teacher_last` = N (the RL step: the explanation
+  lies in the completion, the last N columns of [prompt | completion]), only those N teacher positions go through
+  the vocabulary projection, and the teacher log-probs returned are [B, N]."""
   one = functools.partial(_rewards_of_rows, teacher_config, teacher_params, student_config, student_params,
-                          reward_config=reward_config, chunk_size=chunk_size)
+                          reward_config=reward_config, chunk_size=chunk_size, teacher_last=teacher_last)
   B = batch.teacher_ids.shape[0]
   if not micro_batch or micro_batch >= B:
     return one(batch)
@@ -215,13 +218,16 @@ def reward_rows(teacher_config: ModelConfig, teacher_params, student_config: Mod
 
 
 def _rewards_of_rows(teacher_config, teacher_params, student_config, student_params, batch: RewardBatch, *,
-                     reward_config, chunk_size):
+                     reward_config, chunk_size, teacher_last=None):
   b = RewardBatch(*(sharding.constrain(x, ("batch",) + ("length",) * (x.ndim - 1)) for x in batch))
   lt_BT = logprobs.token_logprobs(teacher_config, teacher_params, b.teacher_ids, b.teacher_mask,
-                                  temperature=reward_config.teacher_temperature, chunk_size=chunk_size)
+                                  temperature=reward_config.teacher_temperature, chunk_size=chunk_size,
+                                  last=teacher_last)
+  if teacher_last is not None:  # T is now the last N columns: the explanation mask keeps the same columns
+    b = b._replace(teacher_expl=b.teacher_expl[:, -teacher_last:])
   ls_BS = logprobs.token_logprobs(student_config, student_params, b.student_ids, b.student_mask,
                                   temperature=reward_config.student_temperature, chunk_size=chunk_size)
-  N = min(b.teacher_ids.shape[1], b.student_ids.shape[1])
+  N = min(lt_BT.shape[1], b.student_ids.shape[1])
   lt_BN, t_valid = left_align(lt_BT, b.teacher_expl, N)
   ls_BN, s_valid = left_align(ls_BS, b.student_expl, N)
   reward, metrics = rlt_reward(ls_BS, b.solution_mask, lt_BN, ls_BN, t_valid & s_valid, b.matched, reward_config)
@@ -230,12 +236,12 @@ def _rewards_of_rows(teacher_config, teacher_params, student_config, student_par
 
 
 _reward_rows_jit = jax.jit(reward_rows, static_argnames=("teacher_config", "student_config", "reward_config",
-                                                          "chunk_size", "micro_batch"))
+                                                          "chunk_size", "micro_batch", "teacher_last"))
 
 
 def rlt_rewards(teacher_config: ModelConfig, teacher_params, student_config: ModelConfig, student_params,
                 batch: RewardBatch, reward_config: RewardConfig = RewardConfig(), *, chunk_size: int = 512,
-                micro_batch: int = 0):
+                micro_batch: int = 0, teacher_last: int | None = None):
   """Rewards of a batch of teacher completions (`RewardBatch`) in one jitted call (configs and chunk_size static).
 
   The teacher runs at `teacher_temperature` (the current policy), the student at `student_temperature`.
@@ -245,6 +251,8 @@ def rlt_rewards(teacher_config: ModelConfig, teacher_params, student_config: Mod
   micro_batch: score the rows in parts of this many (0 = all at once) inside the same call, so only one part's
   activations are live: a step's 1,024 rows of 32k tokens do not fit a device at once. B must divide into parts,
   and each part should split over the batch shards (data × fsdp).
+  teacher_last: N when every explanation lies in the last N teacher columns (a prompt followed by its completion):
+  only those positions go through the teacher's vocabulary projection, and the teacher log-probs are [B, N].
   """
   if not isinstance(teacher_config, ModelConfig) or not isinstance(student_config, ModelConfig):
     raise TypeError("rlt_rewards: teacher_config and student_config must be ModelConfig")
@@ -265,10 +273,20 @@ def rlt_rewards(teacher_config: ModelConfig, teacher_params, student_config: Mod
                      f"{shapes['student_ids']}, matched {shapes['matched']}")
   if micro_batch and micro_batch < B and B % micro_batch:
     raise ValueError(f"rlt_rewards: micro_batch={micro_batch} does not divide the batch of {B} rows")
+  T = shapes["teacher_ids"][1]
+  if teacher_last is not None and not 1 <= int(teacher_last) < T:
+    raise ValueError(f"rlt_rewards: teacher_last={teacher_last!r} must be in [1, {T - 1}] for teacher sequences of "
+                     f"{T} tokens")
   if all(isinstance(v, np.ndarray) for v in batch[:7]):
     _check_host_inputs(teacher_config, student_config, batch)
+    outside = np.argwhere(batch.teacher_expl[:, :T - int(teacher_last or T)].astype(bool))
+    if outside.size:
+      r, t = outside[0]
+      raise ValueError(f"rlt_rewards: teacher_expl[{r}, {t}] is set, but teacher_last={teacher_last} scores only "
+                       f"columns {T - teacher_last} … {T - 1}")
   return _reward_rows_jit(teacher_config, teacher_params, student_config, student_params, batch, reward_config,
-                          chunk_size=int(chunk_size), micro_batch=int(micro_batch))
+                          chunk_size=int(chunk_size), micro_batch=int(micro_batch),
+                          teacher_last=None if teacher_last is None else int(teacher_last))
 
 
 def _check_host_inputs(teacher_config, student_config, b: RewardBatch) -> None:

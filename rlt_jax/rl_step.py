@@ -119,14 +119,16 @@ def step(sc: StepConfig, optimizer, param_shardings, state: dict, student_params
   N, rb = sc.completion_len, batch.reward
   # The reward reads the params in the compute dtype: cast once, sharded as the params (dead after the reward).
   serving = jax.tree.map(lambda p: precision.cast_leaf(p, sc.dtype), state["params"])
-  reward_B, rm, teacher_logp_BT = rewards.reward_rows(sc.teacher, serving, sc.student, student_params, rb,
+  # The teacher's log-probs only at the completion's N positions: the explanation lies there, and the prompt's
+  # positions never need the vocabulary projection.
+  reward_B, rm, teacher_logp_BN = rewards.reward_rows(sc.teacher, serving, sc.student, student_params, rb,
                                                       sc.reward, chunk_size=sc.chunk_size,
-                                                      micro_batch=sc.reward_micro_batch)
+                                                      micro_batch=sc.reward_micro_batch, teacher_last=N)
   advantages_B = grpo.group_advantages(reward_B, sc.group_size, eps=sc.grpo.advantage_eps,
                                        scale=sc.grpo.advantage_scale)
   behaviour_BN = batch.behaviour_logp_BN
   state, um = update(sc, optimizer, state, UpdateBatch(rb.teacher_ids, rb.teacher_mask, advantages_B, behaviour_BN))
-  metrics = _metrics(reward_B, rm, um, advantages_B, rb, teacher_logp_BT[:, -N:], behaviour_BN, state)
+  metrics = _metrics(reward_B, rm, um, advantages_B, rb, teacher_logp_BN, behaviour_BN, state)
   # The next sampling reads the new params with the keys of the step it samples: the next one, or (off-policy,
   # sampling a step ahead) the one after it.
   rollout, keys = _sampling_inputs(sc, param_shardings, state["params"],

@@ -279,3 +279,26 @@ def test_micro_batched_rewards_equal_one_call_and_transformers(hf_pair):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=1e-6)
   with pytest.raises(ValueError, match="micro_batch=3 does not divide the batch of 8"):
     _call(hf_pair, a, matched, cfg, micro_batch=3)
+
+
+def test_teacher_last_scores_only_the_completion_columns_and_changes_no_reward(hf_pair):
+  """The RL step's teacher_last = N: the explanations lie in the last N columns, only those go through the
+  teacher's vocabulary projection, and the rewards, metrics and those columns' log-probs are the full call's (and
+  transformers')."""
+  cfg = RewardConfig()
+  a, matched = _examples(6, seed=3)
+  T = a["teacher_ids"].shape[1]
+  N = T - int(np.flatnonzero(a["teacher_explanation_mask"].any(0))[0])  # from the first explanation column on
+  lt_ref, ref = _reference(hf_pair, a, matched, cfg)
+  full = _call(hf_pair, a, matched, cfg, chunk_size=16)
+  last = _call(hf_pair, a, matched, cfg, chunk_size=16, teacher_last=N)
+  assert_metrics_match(last[0], last[1], ref)
+  np.testing.assert_allclose(np.asarray(last[0]), np.asarray(full[0]), atol=1e-6, rtol=0)
+  assert last[2].shape == (6, N)
+  att = a["teacher_attention_mask"] == 1
+  scored = (att & np.pad(att[:, :-1], ((0, 0), (1, 0))))[:, -N:]  # a real token with a real one before it
+  np.testing.assert_allclose(np.asarray(last[2])[scored], lt_ref[:, -N:][scored], atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match=rf"teacher_expl\[\d+, \d+\] is set, but teacher_last={N - 1} scores only"):
+    _call(hf_pair, a, matched, cfg, teacher_last=N - 1)
+  with pytest.raises(ValueError, match=rf"teacher_last={T} must be in \[1, {T - 1}\]"):
+    _call(hf_pair, a, matched, cfg, teacher_last=T)
