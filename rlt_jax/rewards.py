@@ -274,19 +274,20 @@ def rlt_rewards(teacher_config: ModelConfig, teacher_params, student_config: Mod
   if micro_batch and micro_batch < B and B % micro_batch:
     raise ValueError(f"rlt_rewards: micro_batch={micro_batch} does not divide the batch of {B} rows")
   T = shapes["teacher_ids"][1]
-  if teacher_last is not None and not 1 <= int(teacher_last) < T:
+  teacher_last = None if teacher_last is None else int(teacher_last)
+  if teacher_last is not None and not 1 <= teacher_last < T:
     raise ValueError(f"rlt_rewards: teacher_last={teacher_last!r} must be in [1, {T - 1}] for teacher sequences of "
                      f"{T} tokens")
   if all(isinstance(v, np.ndarray) for v in batch[:7]):
     _check_host_inputs(teacher_config, student_config, batch)
-    outside = np.argwhere(batch.teacher_expl[:, :T - int(teacher_last or T)].astype(bool))
-    if outside.size:
+    outside = np.argwhere(batch.teacher_expl[:, :T - teacher_last].astype(bool)) if teacher_last else ()
+    if len(outside):
       r, t = outside[0]
       raise ValueError(f"rlt_rewards: teacher_expl[{r}, {t}] is set, but teacher_last={teacher_last} scores only "
                        f"columns {T - teacher_last} … {T - 1}")
   return _reward_rows_jit(teacher_config, teacher_params, student_config, student_params, batch, reward_config,
                           chunk_size=int(chunk_size), micro_batch=int(micro_batch),
-                          teacher_last=None if teacher_last is None else int(teacher_last))
+                          teacher_last=teacher_last)
 
 
 def _check_host_inputs(teacher_config, student_config, b: RewardBatch) -> None:
