@@ -16,6 +16,8 @@ def get_config():
   c.workdir = "runs/distill_qwen2.5_7b"
   c.teacher_path = ""        # required: the RL export
   c.student_path = ""        # required: the student that scores candidates (the RL run's student)
+  c.data.path = ""           # required: the rows to explain (Bespoke-Stratos-17k)
+  c.data.required = True     # an empty data.path stops the run (never the bundled tiny sample)
   c.param_dtype = "bfloat16"
   c.dtype = "bfloat16"
   c.max_prompt_len = 16384

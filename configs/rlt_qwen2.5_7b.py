@@ -23,6 +23,8 @@ def get_config():
   c.seed = 42
   c.teacher_path = ""  # required: the SFT-warmed Qwen2.5-7B-Instruct teacher (HF directory)
   c.student_path = ""  # required: bespokelabs/Bespoke-Stratos-7B (HF directory)
+  c.data.path = ""     # required: Bespoke-Stratos-17k (jsonl, parquet, a save_to_disk folder or tfds:NAME:SPLIT)
+  c.data.required = True  # an empty data.path stops the run (never the bundled tiny sample)
   c.param_dtype = "float32"  # master weights and AdamW moments
   c.dtype = "bfloat16"       # matmuls, activations, student, reference, sampling copy
   c.remat = "full"

@@ -16,6 +16,7 @@ def get_config():
   c.kind = "student"
   c.model_path = ""          # required: Qwen/Qwen2.5-7B-Instruct (HF directory)
   c.data.path = ""           # required: <distill workdir>/dataset or distill.jsonl
+  c.data.required = True     # an empty data.path stops the run (never the bundled tiny sample)
   c.param_dtype = "float32"
   c.dtype = "bfloat16"
   c.remat = "full"

@@ -16,7 +16,8 @@ def get_config():
   c.workdir = "runs/teacher_sft_qwen2.5_7b"
   c.kind = "teacher"
   c.model_path = ""          # required: Qwen/Qwen2.5-7B-Instruct (HF directory)
-  c.data.path = ""           # required in practice: Bespoke-Stratos-17k (jsonl, parquet or datasets folder)
+  c.data.path = ""           # required: Bespoke-Stratos-17k (jsonl, parquet or datasets folder)
+  c.data.required = True     # an empty data.path stops the run (never the bundled tiny sample)
   c.param_dtype = "float32"  # fp32 master weights and Adam moments, bf16 compute
   c.dtype = "bfloat16"
   c.remat = "full"

@@ -22,8 +22,8 @@ skipped; a row left with nothing to train on (cut before its completion) is skip
 `pack=True` SFT rows are packed greedily, in stream order, into sequences of the longest bucket: `segment_ids`
 number the rows of a sequence 1, 2, ... and `positions` restart at 0 for each row (attention never crosses rows).
 
-Bad rows (rows.BAD_REASONS: missing/empty field, wrong type, over the longest bucket, broken JSON, undecodable
-bytes) are skipped, counted per reason in a RowStats and logged when an epoch ends; with strict=True the first one
+Bad rows (rows.BAD_REASONS: missing/empty field, wrong type, over the longest bucket, broken JSON or CSV,
+undecodable bytes) are skipped, counted per reason in a RowStats and logged when an epoch ends; with strict=True the first one
 raises BadRowError naming file and line. The counts are part of the iterator state.
 """
 from __future__ import annotations

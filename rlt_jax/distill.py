@@ -173,6 +173,7 @@ def run(cfg, workdir: str) -> dict:
   paths = {name: os.path.join(workdir, f"{name}.jsonl") for name in ("distill", "skipped")}
   done = _jsonl_done(paths["distill"]) | _jsonl_done(paths["skipped"])
   items, skipped = read_items(cfg, rs.fmt)
+  rs.row_prompts.check([it["system"] for it in items])  # rows with a prompt of their own other than the student's
   _append(paths["skipped"], [s for s in skipped if s["index"] not in done])
   done |= {s["index"] for s in skipped}
   todo = [it for it in items if it["index"] not in done]

@@ -1,18 +1,28 @@
-"""Graded evaluation of a (distilled) student on math benchmarks: pass@1 with its standard error.
+"""Graded evaluation of a (distilled) student on math and science benchmarks: pass@1 with its standard error.
 
   python -m rlt_jax.evaluate --config configs/eval_tiny.py [--workdir DIR] [--config.limit=50 ...]
 
+Benchmarks are files (.jsonl, .csv, .parquet) whose layout `rows.detect_reader` recognises: GSM8K, MATH500 / AIME,
+custom {question, answer} rows, and GPQA (e.g. GPQA-Diamond: `Question`, `Correct Answer`, `Incorrect Answer 1..3`).
 Each problem is asked the way a distilled student is trained to answer (`RLTFormat.student_prompt_text`: the student
 system prompt, the question, an open assistant turn). The model samples `num_samples` responses (greedy at
 temperature 0); each response is graded against the row's gold answer by `grading.is_correct`.
+
+A GPQA problem is multiple choice (`choices.MultipleChoice`): its four options are shuffled with a seed made from
+`config.seed` and the row's index in its file (the same on every run), listed under the question as "A) ..." to
+"D) ...", and the response must give the letter in \\boxed{}. Its gold is the correct letter after the shuffle; a
+response is right when the letter it picks (its final answer read as a letter, else the one option whose text that
+answer equals) is that letter.
 
 pass@1 of a benchmark = mean over its N problems of (correct samples / num_samples); the standard error is the
 sample standard deviation of those per-problem rates (ddof=1) over sqrt(N).
 
 Outputs under the workdir: `results.json` (per benchmark: pass@1, stderr, counts, skipped rows), `results.md` (the
 same as a markdown table, also printed at the end) and `<benchmark>.jsonl` (one line per problem: question, gold,
-responses, extracted answers, verdicts, pass rate). Rows with no gold answer, unreadable rows and prompts over
-`max_prompt_len` are skipped, counted per reason and logged with their file:line. Single host.
+responses, extracted answers, verdicts, pass rate; for multiple choice also `choice_seed` with the `row_index` it
+came from, `answer_letter`, `choices` {letter: option}, `choice_columns` {letter: its release column} and the letters
+`picked`). Rows with no gold answer, unreadable rows and prompts over `max_prompt_len` are skipped, counted per
+reason and logged with their file:line. Single host.
 """
 from __future__ import annotations
 
@@ -28,7 +38,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from rlt_jax import cli, data, formats, grading, hf_checkpoint, loading, rows, run_config, sampling, sharding, sources
+from rlt_jax import (choices, cli, data, formats, grading, hf_checkpoint, loading, rows, run_config, sampling, sharding,
+                     sources)
 
 _log = logging.getLogger("rlt_jax")
 ConfigError = run_config.ConfigError
@@ -45,8 +56,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.tokenizer_path = ""      # "" = the model's directory
   c.tiny_models = False      # True with an empty model_path: evaluate the tiny local student (built if missing)
   c.tiny = run_config.default_config().tiny  # shape of the tiny models (same as the tiny RL run's)
-  # "name=path" specs; path: a .jsonl/.parquet file of GSM8K rows (question, answer ending "#### N"), MATH/AIME rows
-  # (problem, solution, answer) or custom rows (question, answer: the final answer; solution optional); "" or
+  # "name=path" specs; path: a .jsonl/.csv/.parquet file of GSM8K rows (question, answer ending "#### N"), MATH/AIME
+  # rows (problem, solution, answer), GPQA rows (Question, Correct Answer, Incorrect Answer 1-3: multiple choice,
+  # shuffled by config.seed) or custom rows (question, answer: the final answer; solution optional); "" or
   # "sample" = the bundled GSM8K sample. The name names the output file <name>.jsonl.
   c.benchmarks = ("gsm8k=sample",)
   c.limit = 0                # problems per benchmark (the first usable rows in file order); 0 = all
@@ -56,8 +68,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_new_tokens = 4096
   c.max_prompt_len = 2048
   c.batch_size = 32          # problems per sampler call (the sampler runs batch_size × num_samples rows)
+  # The student prompt: "" = the one the model recorded (rlt_format.json), else the style's default.
   # teacher_system is only used to build the tiny models the way the tiny RL run does (same warm-up rows).
-  c.format = ml_collections.ConfigDict(dict(style="stratos", teacher_system="", student_system=""))  # "" = default
+  c.format = run_config.format_config()
   c.param_dtype = "float32"
   c.dtype = "float32"        # compute dtype
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
@@ -120,9 +133,11 @@ def validate(cfg) -> list[tuple[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------------------------ data
-def load_problems(path: str, fmt: formats.RLTFormat, *, limit: int, max_prompt_len: int):
+def load_problems(path: str, fmt: formats.RLTFormat, *, limit: int, max_prompt_len: int, seed: int = 0):
   """(problems, skipped counts, skipped locations): the first `limit` usable rows of a benchmark file, each with its
-  student prompt ids; rows without a gold answer, unreadable rows and over-long prompts are skipped."""
+  student prompt ids; rows without a gold answer, unreadable rows and over-long prompts are skipped. A GPQA row
+  becomes a multiple-choice problem (`choice`: a `choices.MultipleChoice` shuffled by `seed` and the row's index;
+  its gold is the correct letter)."""
   try:
     src = sources.open_source(path)
   except (ValueError, OSError) as e:
@@ -140,19 +155,22 @@ def load_problems(path: str, fmt: formats.RLTFormat, *, limit: int, max_prompt_l
     try:
       raw = sources.decode_payload(rec.payload)
       row = rows.read_row(raw)
+      choice = choices.MultipleChoice.from_row(raw, config_seed=seed, row_index=i) \
+          if rows.detect_reader(raw) == "gpqa" else None  # (read_row took raw, so it is a mapping)
     except rows.BadRow as e:
       skip("bad_row", f"{rec.where} ({e})")
       continue
-    gold = row["answer"] or _short_answer(raw)
+    question = choice.question_text(row["question"]) if choice else row["question"]
+    gold = choice.answer if choice else row["answer"] or _short_answer(raw)
     if not gold:
       skip("no_answer", rec.where)
       continue
-    text = fmt.student_prompt_text(row["question"], row["system"])
+    text = fmt.student_prompt_text(question, row["system"])
     ids = np.asarray(fmt.tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
     if len(ids) > max_prompt_len:
       skip("too_long", f"{rec.where} ({len(ids)} tokens)")
       continue
-    problems.append(dict(where=rec.where, question=row["question"], gold=gold, prompt_ids=ids))
+    problems.append(dict(where=rec.where, question=row["question"], gold=gold, prompt_ids=ids, choice=choice))
   return problems, skipped, where_skipped
 
 
@@ -214,7 +232,13 @@ def _evaluate_benchmark(cfg, name: str, problems: list[dict], model_config, para
         resp_ids = [tokens[r, : lens[r] - int(finished[r])] for r in rows]
         responses = [fmt.tokenizer.decode(x.tolist(), skip_special_tokens=False) for x in resp_ids]
         extracted = [grading.extract_answer(r) for r in responses]
-        verdicts = [grading.is_correct(r, p["gold"]) for r in responses]
+        extra = {}
+        if p["choice"] is not None:  # multiple choice: the letter picked, against the shuffled correct letter
+          picked = [p["choice"].pick(r) for r in responses]
+          verdicts = [x == p["choice"].answer for x in picked]
+          extra = dict(p["choice"].record(), picked=picked)
+        else:
+          verdicts = [grading.is_correct(r, p["gold"]) for r in responses]
         rate = float(np.mean(verdicts))
         rates.append(rate)
         lengths.extend(int(lens[r]) for r in rows)
@@ -222,7 +246,7 @@ def _evaluate_benchmark(cfg, name: str, problems: list[dict], model_config, para
         out.write(json.dumps(dict(index=start + j, where=p["where"], question=p["question"], gold=p["gold"],
                                   responses=responses, extracted=extracted, correct=verdicts, pass_rate=rate,
                                   response_tokens=[int(lens[r]) for r in rows],
-                                  finished=[bool(finished[r]) for r in rows]), ensure_ascii=False) + "\n")
+                                  finished=[bool(finished[r]) for r in rows], **extra), ensure_ascii=False) + "\n")
       out.flush()
       bar.update(len(chunk))
       bar.set_postfix(pass1=f"{np.mean(rates):.3f}")
@@ -253,7 +277,8 @@ def run(cfg, workdir: str) -> dict:
     paths = loading.tiny_model_paths(cfg, workdir)
     model_path, tok_path = paths["student"], cfg.tokenizer_path or paths["tokenizer"]
   tokenizer = hf_checkpoint.load_tokenizer(tok_path)
-  fmt = loading.make_format(cfg, tokenizer)
+  # The prompt the student was trained with (its rlt_format.json), unless the config sets one.
+  fmt = loading.make_format(cfg, tokenizer, student_dir=model_path, path_field="model_path")
   mesh, rules = loading.make_mesh(cfg)
   model_config, params = loading.load_model(cfg, model_path, tokenizer, mesh, rules, dtype=cfg.dtype)
   if cfg.max_prompt_len + cfg.max_new_tokens > model_config.max_position_embeddings:
@@ -261,11 +286,12 @@ def run(cfg, workdir: str) -> dict:
                  cfg.max_prompt_len + cfg.max_new_tokens, model_config.max_position_embeddings)
   _log.info("evaluate: %s; KV cache per sampler call up to %.2f GiB", model_path, sampling.kv_cache_bytes(
       model_config, cfg.batch_size, cfg.max_prompt_len, cfg.max_new_tokens, cfg.num_samples) / 2**30)
-  results = {"model_path": model_path, "temperature": cfg.temperature, "top_p": cfg.top_p,
-             "num_samples": cfg.num_samples, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+  results = {"model_path": model_path, "student_system": fmt.student_system, "temperature": cfg.temperature,
+             "top_p": cfg.top_p, "num_samples": cfg.num_samples, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
              "benchmarks": {}}
   for b, (name, path) in enumerate(benchmarks):
-    problems, skipped, where = load_problems(path, fmt, limit=cfg.limit, max_prompt_len=cfg.max_prompt_len)
+    problems, skipped, where = load_problems(path, fmt, limit=cfg.limit, max_prompt_len=cfg.max_prompt_len,
+                                             seed=cfg.seed)
     for reason, places in where.items():
       if places:
         _log.warning("%s: skipped %d rows (%s), e.g. %s", name, len(places), reason, "; ".join(places[:5]))

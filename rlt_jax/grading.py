@@ -3,17 +3,24 @@
     extract_answer(response)   the last \\boxed{...} / \\fbox{...}, else the text after the last "answer is",
                                else the number after the last "#### ", else None
     is_correct(response, gold) extract, then math equivalence with math-verify, with plain-string fallbacks
+    equivalent(answer, gold)   the same equivalence for an answer already extracted (multiple-choice options)
 
 Equivalence goes through math-verify (`parse` turns both sides into SymPy objects, `verify` compares them): 1/2, 0.5,
 \\frac{1}{2} and \\dfrac12 agree; 3\\sqrt{2} equals \\sqrt{18}; (1,2) and [1,2] are different intervals; `x = 5`
-matches 5; 1,000 and 1{,}000 are 1000; units in \\text{} are dropped; 50\\% is 50/100. Before it, two cheap
-checks: identical normalised strings (text answers such as "(C)" or "Monday"), and after it one fallback: a plain
-number followed only by words ("18 dollars") against a numeric gold answer.
+matches 5; 1,000 and 1{,}000 are 1000; units in \\text{} are dropped; 50\\% is 50/100. Matrices and vectors
+(pmatrix, bmatrix, array) compare entry by entry and tuples in order, whatever the spacing, `\\left( … \\right)` or
+`\\dfrac` vs `\\frac`; a transposed vector, a reordered tuple or one changed entry is wrong (and so is a column vector
+written as a tuple: math-verify reads (1,2) as an interval, not a pmatrix). Both sides are
+normalised first: spacing commands (`\\,` `\\!` `\\;` `\\ `) out, while a matrix row break `\\\\` is kept (read as `\\ `
+it would merge the rows), and a control word as a bare `\\frac` argument braced (`\\frac\\pi2` → `\\frac{\\pi}{2}`:
+math-verify reads only a single character there). Before math-verify, two cheap checks: identical normalised
+strings (text answers such as "(C)" or "Monday"), and after it one fallback: a plain number followed only by words
+("18 dollars") against a numeric gold answer.
 
 math-verify bounds each parse/compare with SIGALRM, which only the main thread may set; elsewhere (a thread pool, a
 grain worker thread) the timeout is switched off rather than letting math-verify raise, so grading works wherever it
 runs (there, a pathological SymPy comparison is not interrupted). Nothing here raises on bad input: `is_correct`
-returns False.
+and `equivalent` return False.
 """
 from __future__ import annotations
 
@@ -34,6 +41,12 @@ _NUMBER_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?")
 # a number, a space, then only words of 2+ letters ("18 dollars", "5 cm"); "2x" or "2 x" is an expression, not units
 _NUMBER_WITH_WORDS_RE = re.compile(r"([-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?:\s+[A-Za-z]{2,}\.?)+")
 _TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+# LaTeX spacing commands. A matrix row break, two backslashes (with an optional extra space such as [2pt] after
+# them), is matched first so that its second backslash is never read as the start of a control space (backslash,
+# space), which would merge the matrix's rows.
+_SPACING_RE = re.compile(r"\\\\(?:\[\s*-?[\d.]+\s*(?:pt|em|ex|mm|cm|in|mu)\s*\])?|\\[!,:; ]")
+_SPACING = {"\\!": "", "\\,": "", "\\:": " ", "\\;": " ", "\\ ": " "}
+_FRAC_RE = re.compile(r"\\[dt]?frac(?![A-Za-z])")
 
 
 # ----------------------------------------------------------------------------------------------------------- extract
@@ -102,13 +115,43 @@ def extract_answer(response: str) -> str | None:
 
 # ------------------------------------------------------------------------------------------------------------- grade
 def _strip_math(text: str) -> str:
-  """Outer `$`/`\\(`…`\\)` delimiters, spaces and a final period off; LaTeX thin spaces and {,} separators out."""
+  """Outer `$`/`\\(`…`\\)` delimiters, spaces and a final period off; LaTeX spacing commands and {,} separators
+  out; `\\frac` arguments braced."""
   s = text.strip()
   for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
     if s.startswith(left) and s.endswith(right) and len(s) >= len(left) + len(right):
       s = s[len(left): len(s) - len(right)].strip()
   s = s.replace("\\$", "").lstrip("$").rstrip(".").strip()  # "\$18": a currency sign, not math
-  return s.replace("{,}", ",").replace("\\!", "").replace("\\,", "").replace("\\ ", " ")
+  s = _SPACING_RE.sub(lambda m: _SPACING.get(m.group(0), "\\\\"), s.replace("{,}", ","))
+  return _brace_frac_arguments(s)
+
+
+def _brace_frac_arguments(text: str) -> str:
+  """`\\frac\\pi2` → `\\frac{\\pi}{2}`: TeX takes a lone token (a character or a control word) as an argument,
+  math-verify's parser only a single character, so a control word as a bare argument is braced here."""
+  out, pos = [], 0
+  for m in _FRAC_RE.finditer(text):
+    if m.start() < pos:  # inside an argument already copied
+      continue
+    i, args = m.end(), []
+    for _ in range(2):
+      while i < len(text) and text[i] == " ":
+        i += 1
+      if i < len(text) and text[i] == "{":
+        inner = _braced(text, i)
+        if inner is None:
+          break
+        args.append("{" + _brace_frac_arguments(inner) + "}")  # a \\frac nested in a braced argument
+        i += len(inner) + 2
+      elif token := re.match(r"\\[A-Za-z]+|[^\s\\{}]", text[i:]):
+        args.append("{" + token.group(0) + "}")
+        i += len(token.group(0))
+      else:
+        break
+    if len(args) == 2:
+      out.append(text[pos: m.end()] + "".join(args))
+      pos = i
+  return "".join(out) + text[pos:]
 
 
 def _plain(text: str) -> str:
@@ -154,6 +197,16 @@ def _equivalent(pred: str, gold: str) -> bool:
   gold_num = _as_number(g)
   m = _NUMBER_WITH_WORDS_RE.fullmatch(_plain_words(p))
   return gold_num is not None and m is not None and abs(float(m.group(1).replace(",", "")) - gold_num) < 1e-9
+
+
+def equivalent(answer: str, gold: str) -> bool:
+  """Whether a final answer already taken out of its response (`extract_answer`'s output, an option's text) equals
+  `gold` by the same rules as `is_correct`; False for anything but two strings, never raises."""
+  try:
+    return isinstance(answer, str) and isinstance(gold, str) and _equivalent(answer, gold)
+  except (Exception, TimeoutException) as e:  # garbage in: not equal, never an exception
+    logging.getLogger(__name__).debug("comparing %.200r with %.200r failed: %s", answer, gold, e)
+    return False
 
 
 def is_correct(response: str, gold: str) -> bool:

@@ -78,7 +78,12 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, config: GRPOConfig, 
 
   Per token: −[min(ρ·A, clip(ρ, 1±ε)·A) − β·k3(logp, ref_logp)] with ρ = exp(logp − old_logp). `ref_logp` may be
   None when β = 0. `denominators` = (number of sequences, number of mask tokens) of the whole batch when this call
-  sees one micro-batch of it, so that the micro-batch losses add up to the full batch's loss.
+  sees one micro-batch of it: the loss and every metric are then this part's share of the whole batch's value, so
+  the parts' values add up to it (`optim.accumulate_gradients` sums them).
+
+  Metrics: `kl_to_ref` is the official code's KL (trl's GRPO): each sequence's mean k3 over its completion tokens,
+  averaged over sequences; `kl_to_ref_token` the mean over all completion tokens of the batch (long completions
+  weigh more). `clip_fraction` and `ratio_mean` are token means.
   """
   mask = jnp.asarray(mask, jnp.float32)
   adv = jnp.asarray(advantages, jnp.float32)[:, None]
@@ -93,18 +98,19 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, config: GRPOConfig, 
     kl = k3_kl(logp, ref_logp)
     per_token = per_token + config.beta * kl
   n_seq, n_tok = denominators if denominators is not None else (mask.shape[0], mask.sum())
-  seq_tokens = mask.sum(axis=1)
+  seq_tokens = jnp.maximum(mask.sum(axis=1), 1.0)
+  tokens = jnp.maximum(n_tok, 1.0)
   if config.loss_aggregation == "sequence_mean":
-    loss = jnp.sum((per_token * mask).sum(axis=1) / jnp.maximum(seq_tokens, 1.0)) / n_seq
+    loss = jnp.sum((per_token * mask).sum(axis=1) / seq_tokens) / n_seq
   elif config.loss_aggregation == "token_mean":
-    loss = (per_token * mask).sum() / jnp.maximum(n_tok, 1.0)
+    loss = (per_token * mask).sum() / tokens
   else:  # dr_grpo: a constant normaliser (sequences × max completion length), free of length bias
     loss = (per_token * mask).sum() / (n_seq * mask.shape[1])
-  tokens = jnp.maximum(mask.sum(), 1.0)
   is_clipped = (jnp.abs(ratio - 1.0) > config.clip_eps).astype(jnp.float32)
   metrics = {
       "loss": loss,
-      "kl_to_ref": (kl * mask).sum() / tokens,
+      "kl_to_ref": jnp.sum((kl * mask).sum(axis=1) / seq_tokens) / n_seq,
+      "kl_to_ref_token": (kl * mask).sum() / tokens,
       "clip_fraction": (is_clipped * mask).sum() / tokens,
       "ratio_mean": (ratio * mask).sum() / tokens,
   }

@@ -1,6 +1,11 @@
 """Building a run from its config: tokenizer, format, mesh and rules, models (Hugging Face folders, or the tiny local
 ones), the RL data pipeline and the rollout layout, all in `setup(cfg, workdir) -> RunSetup`; the pieces on their own
-for SFT and evaluation (`tiny_model_paths`, `make_format`, `make_mesh`, `load_model`)."""
+for SFT and evaluation (`tiny_model_paths`, `make_format`, `make_mesh`, `load_model`).
+
+The chat format of a run (`make_format`): the config's explicit fields (`format.style`, the system prompts given
+inline or by `format.*_system_file`) over the formats the models recorded (`model_format`: the teacher's prompt and
+tags from the teacher's directory, the student's from the student's), over the style's defaults. An explicit prompt
+or style that differs from a model's recorded one is used, with a warning naming both."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,9 +17,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlt_jax import data, formats, grpo, hf_checkpoint, rewards, rows, run_config, sharding, tiny
+from rlt_jax import data, formats, grpo, hf_checkpoint, model_format, rewards, rows, run_config, sharding, tiny
 from rlt_jax.models import qwen2
 from rlt_jax.models.config import ModelConfig
+
+_log = logging.getLogger("rlt_jax")
 
 
 @dataclasses.dataclass
@@ -33,6 +40,7 @@ class RunSetup:
   dataset: object
   eos_ids: tuple[int, ...]
   rollout: Rollout = None
+  row_prompts: model_format.RowPrompts = None  # warns when a row's `system` differs from the student's record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +66,7 @@ def tiny_model_paths(cfg, workdir: str) -> dict[str, str]:
   sample in the config's format and `tiny` shape (CPU runs, tests, notebooks; no network)."""
   with open(data.SAMPLE_PATH) as f:
     sample = [rows.read_row(json.loads(line)) for line in f if line.strip()]
-  overrides = {k: v for k, v in cfg.format.to_dict().items() if v}
+  overrides = format_overrides(cfg)
   # With several processes, process 0 builds first, so processes sharing the workdir's filesystem never write the
   # same files at once; the others then find them built (or, on a disk of their own, build the same seeded models).
   several = jax.process_count() > 1
@@ -71,9 +79,62 @@ def tiny_model_paths(cfg, workdir: str) -> dict[str, str]:
   return paths
 
 
-def make_format(cfg, tokenizer) -> formats.RLTFormat:
-  overrides = {k: v for k, v in cfg.format.to_dict().items() if k != "style" and v}
-  return run_config.Checker(cfg).call("format", formats.RLTFormat, tokenizer, style=cfg.format.style, **overrides)
+def format_overrides(cfg) -> dict:
+  """The config's explicit format fields: `format.style` when set, and each system prompt given inline
+  (`format.teacher_system`) or as a text file (`format.teacher_system_file`; trailing newlines dropped)."""
+  c = run_config.Checker(cfg)
+  out = {"style": cfg.format.style} if cfg.format.style else {}
+  for role in model_format.ROLES:
+    field, file_field = f"{role}_system", f"{role}_system_file"
+    text, path = cfg.format.get(field, ""), cfg.format.get(file_field, "")
+    c.need(not (text and path), f"format.{file_field}", f"set config.format.{field} or this, not both")
+    if path:
+      try:
+        with open(path, encoding="utf-8") as f:
+          text = f.read().rstrip("\n")
+      except (OSError, UnicodeDecodeError) as e:
+        raise run_config.ConfigError(f"config.format.{file_field}={path!r}: cannot be read ({e})") from None
+      c.need(text.strip(), f"format.{file_field}", "holds no prompt (the file is empty)")
+    if text:
+      out[field] = text
+  return out
+
+
+def make_format(cfg, tokenizer, *, teacher_dir: str | None = None, student_dir: str | None = None,
+                path_field: str | None = None) -> formats.RLTFormat:
+  """The run's format (module doc): explicit config fields over the teacher's and the student's recorded formats
+  (`teacher_dir`, `student_dir`: the model directories, None when the run has no such model) over the defaults.
+  A damaged record is a ConfigError naming `path_field` (default: teacher_path / student_path)."""
+  explicit = format_overrides(cfg)
+  spec, seen = {}, {}  # spec: the fields so far; seen: field -> (directory, role) it came from
+  for role, directory in (("student", student_dir), ("teacher", teacher_dir)):
+    if not directory:
+      continue
+    try:
+      rec = model_format.read(directory)
+    except ValueError as e:
+      raise run_config.ConfigError(f"config.{path_field or role + '_path'}: {e}") from None
+    if rec is None:
+      continue
+    if explicit.get("style", rec["style"]) != rec["style"]:
+      _log.warning("config.format.style=%r, but the %s in %s was trained in the %r style; its recorded prompts and "
+                   "tags are not used", explicit["style"], role, directory, rec["style"])
+      continue
+    got = model_format.fields(rec, role)
+    for f in model_format.SHARED_FIELDS:  # the teacher's win (it is read last): the splice needs one value
+      if f in spec and spec[f] != got[f]:
+        _log.warning("format.%s: the teacher in %s was trained with %r, the student in %s with %r; using the "
+                     "teacher's", f, directory, got[f], seen[f][0], spec[f])
+    spec.update(got, style=rec["style"])
+    seen.update({f: (directory, role) for f in got})
+  for f in ("teacher_system", "student_system"):
+    if f in explicit and f in spec and explicit[f] != spec[f]:
+      _log.warning("config.format.%s overrides the prompt the %s in %s was trained with:\n  recorded: %r\n  "
+                   "config:   %r", f, seen[f][1], seen[f][0], model_format.shorten(spec[f]),
+                   model_format.shorten(explicit[f]))
+  spec.update(explicit)
+  style = spec.pop("style", "stratos")
+  return run_config.Checker(cfg).call("format", formats.RLTFormat, tokenizer, style=style, **spec)
 
 
 def make_mesh(cfg) -> tuple[jax.sharding.Mesh, tuple]:
@@ -111,7 +172,7 @@ def setup(cfg, workdir: str, *, before_loading=None, training: bool = True) -> R
     paths = tiny_model_paths(cfg, workdir)
     teacher_path, student_path, tok_path = paths["teacher"], paths["student"], paths["tokenizer"]
   tokenizer = hf_checkpoint.load_tokenizer(tok_path)
-  fmt = make_format(cfg, tokenizer)
+  fmt = make_format(cfg, tokenizer, teacher_dir=teacher_path, student_dir=student_path)
   mesh, rules = make_mesh(cfg)
   if cfg.rollout_tensor:  # a size that cannot fit stops the run before any weights load
     run_config.Checker(cfg).call("rollout_tensor", sharding.rollout_tensor, mesh, 1, 1, int(cfg.rollout_tensor))
@@ -131,7 +192,7 @@ def setup(cfg, workdir: str, *, before_loading=None, training: bool = True) -> R
   eos_ids = tuple(sorted({i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id)
                           if isinstance(i, int) and i >= 0}))
   return RunSetup(cfg, tokenizer, fmt, mesh, rules, tc, tp, sc, sp, g, r, dataset, eos_ids,
-                  make_rollout(cfg, mesh, tc, tp))
+                  make_rollout(cfg, mesh, tc, tp), model_format.RowPrompts(student_path))
 
 
 def _barrier(name: str) -> None:

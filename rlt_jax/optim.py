@@ -64,8 +64,9 @@ def init_state(optimizer: optax.GradientTransformation, params):
 def accumulate_gradients(loss_fn: Callable, params, batch, micro_batches: int):
   """Sum of `grad(loss_fn)(params, micro_batch)` over `micro_batches` equal splits of the batch's leading axis.
 
-  `loss_fn(params, micro_batch) -> (loss, metrics)` must scale its loss so that the parts add up to the full batch
-  (see `grpo.policy_loss`'s `denominators`). Metrics are averaged over the parts. One `lax.scan`: memory of one part.
+  `loss_fn(params, micro_batch) -> (loss, metrics)` must scale its loss, and its metrics, so that the parts add up
+  to the full batch (see `grpo.policy_loss`'s `denominators`): metrics are summed over the parts. One `lax.scan`:
+  memory of one part.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if micro_batches == 1:
@@ -82,4 +83,4 @@ def accumulate_gradients(loss_fn: Callable, params, batch, micro_batches: int):
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   grads, metrics = jax.lax.scan(body, zeros, parts)
-  return grads, jax.tree.map(lambda m: m.mean(axis=0), metrics)
+  return grads, jax.tree.map(lambda m: m.sum(axis=0), metrics)

@@ -69,13 +69,18 @@ def _lines(ax, steps, rows, keys, dashed=()) -> None:
 
 
 def _reward_band(ax, steps, rows, keys) -> None:
-  mean, std = series(rows, "reward_mean"), series(rows, "reward_std")
-  if mean is None:  # only reward_std: nothing meaningful to draw a band around
-    _lines(ax, steps, rows, ["reward_std"])
+  # The band is the std over all completions of the step (files from before it had its own name: reward_std).
+  mean = series(rows, "reward_mean")
+  std_key = "reward_std_batch" if series(rows, "reward_std_batch") is not None else "reward_std"
+  std = series(rows, std_key)
+  if mean is None:  # only a std: nothing meaningful to draw a band around
+    _lines(ax, steps, rows, [std_key])
     return
   ax.plot(steps, mean, "-", label="reward_mean")
   if std is not None:
-    ax.fill_between(steps, mean - std, mean + std, alpha=0.25, label="± reward_std")
+    ax.fill_between(steps, mean - std, mean + std, alpha=0.25, label=f"± {std_key}")
+  if std_key != "reward_std" and series(rows, "reward_std") is not None:  # the official within-group std
+    ax.plot(steps, series(rows, "reward_std"), ":", label="reward_std")
 
 
 def _stacked(ax, steps, rows, keys) -> None:
@@ -94,14 +99,16 @@ class Panel(NamedTuple):
 # file name -> (figure title, panels)
 FIGURES: dict[str, tuple[str, tuple[Panel, ...]]] = {
     "reward": ("RLT reward and its components", (
-        Panel("reward (mean ± std over completions)", ("reward_mean", "reward_std"), _reward_band),
+        Panel("reward (mean ± std over completions)", ("reward_mean", "reward_std_batch", "reward_std"), _reward_band),
         Panel("r_SS and r_KL (reward = r_SS − r_KL − 1 without the end tag)", ("r_ss", "r_kl", "r_kl_no_entropy"),
               dashed=("r_kl_no_entropy",)),
         Panel("student log-prob of the solution", ("solution_logp_mean", "solution_logp_min")),
         Panel("teacher − student log-prob on the explanation", ("kl_mean", "kl_max")),
     )),
     "match_rate": ("Explanations that close their end tag", (Panel("match rate", ("match_rate",)),)),
-    "kl_to_ref": ("KL of the teacher to its reference", (Panel("k3 KL to the reference", ("kl_to_ref",)),)),
+    "kl_to_ref": ("KL of the teacher to its reference", (
+        Panel("k3 KL to the reference (per-sequence mean; token mean dashed)", ("kl_to_ref", "kl_to_ref_token"),
+              dashed=("kl_to_ref_token",)),)),
     "lengths": ("Completion lengths", (
         Panel("completion length", ("completion_len_mean", "completion_len_max"), ylabel="tokens"),
         Panel("cut at max_new_tokens without the end tag", ("truncated_fraction",), ylabel="fraction"),

@@ -128,7 +128,7 @@ def step(sc: StepConfig, optimizer, param_shardings, state: dict, student_params
                                        scale=sc.grpo.advantage_scale)
   behaviour_BN = batch.behaviour_logp_BN
   state, um = update(sc, optimizer, state, UpdateBatch(rb.teacher_ids, rb.teacher_mask, advantages_B, behaviour_BN))
-  metrics = _metrics(reward_B, rm, um, advantages_B, rb, teacher_logp_BN, behaviour_BN, state)
+  metrics = _metrics(reward_B, rm, um, advantages_B, rb, teacher_logp_BN, behaviour_BN, state, sc.group_size)
   # The next sampling reads the new params with the keys of the step it samples: the next one, or (off-policy,
   # sampling a step ahead) the one after it.
   rollout, keys = _sampling_inputs(sc, param_shardings, state["params"],
@@ -137,13 +137,17 @@ def step(sc: StepConfig, optimizer, param_shardings, state: dict, student_params
 
 
 def _metrics(reward_B, rm: dict, um: dict, advantages_B, rb: rewards.RewardBatch, teacher_logp_BN, behaviour_BN,
-             state) -> dict:
+             state, group_size: int) -> dict:
   out = {k: jnp.mean(rm[k]) for k in ("r_ss", "solution_logp_mean", "solution_logp_min", "r_kl", "kl_mean",
                                        "kl_max", "r_kl_no_entropy")}
-  out.update(reward_mean=jnp.mean(reward_B), reward_std=jnp.std(reward_B),
+  # reward_std as the official code logs it: the std within each group (unbiased, as torch's), averaged over the
+  # groups; the std over the whole batch is reward_std_batch.
+  group_std = jnp.std(reward_B.reshape(-1, group_size), axis=1, ddof=1) if group_size > 1 else jnp.zeros(1)
+  out.update(reward_mean=jnp.mean(reward_B), reward_std=jnp.mean(group_std), reward_std_batch=jnp.std(reward_B),
              match_rate=jnp.mean(rb.matched.astype(jnp.float32)), advantage_std=jnp.std(advantages_B),
              bad_steps=state["bad_steps"],
-             **{k: um[k] for k in ("kl_to_ref", "loss", "clip_fraction", "ratio_mean", "grad_norm", "lr", "skipped")})
+             **{k: um[k] for k in ("kl_to_ref", "kl_to_ref_token", "loss", "clip_fraction", "ratio_mean", "grad_norm",
+                                   "lr", "skipped")})
   if behaviour_BN is None:
     out["off_policy_logp_gap"] = jnp.zeros((), jnp.float32)
   else:  # mean over completion tokens of current − behaviour log-probs: how far the policy moved since sampling

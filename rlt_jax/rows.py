@@ -1,6 +1,6 @@
-"""Dataset row readers: one dataset row (Bespoke-Stratos conversations, GSM8K, MATH / AIME or custom fields) to the
-canonical row {question, solution, reasoning, system, answer}; a row that cannot be used raises `BadRow` with a
-reason from BAD_REASONS.
+"""Dataset row readers: one dataset row (Bespoke-Stratos conversations, GSM8K, MATH / AIME, GPQA or custom fields) to
+the canonical row {question, solution, reasoning, system, answer}; a row that cannot be used raises `BadRow` with a
+reason from BAD_REASONS. `gpqa_options` reads a GPQA row's four answer options (multiple choice: `rlt_jax.choices`).
 
 The Stratos tags (`STRATOS_TAGS`) are the ones `formats.STYLES["stratos"]` writes; formats takes them from here.
 """
@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-BAD_REASONS = ("missing_field", "empty_field", "wrong_type", "too_long", "broken_json", "undecodable", "no_target")
+BAD_REASONS = ("missing_field", "empty_field", "wrong_type", "too_long", "broken_json", "broken_csv", "undecodable",
+               "no_target")
 STRATOS_TAGS = dict(thought=("<|begin_of_thought|>", "<|end_of_thought|>"),
                     solution=("<|begin_of_solution|>", "<|end_of_solution|>"))
 
@@ -109,12 +110,41 @@ def read_math(row: Mapping) -> dict:
               answer=_answer(row))
 
 
-READERS = {"stratos": read_stratos, "custom": read_custom, "gsm8k": read_gsm8k, "math": read_math}
+GPQA_OPTION_FIELDS = ("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
+
+
+def gpqa_options(row: Mapping) -> tuple[str, ...]:
+  """A GPQA row's four options in the release's column order (GPQA_OPTION_FIELDS: the correct one first), stripped;
+  a missing or empty option raises BadRow naming its column. Numbers (a JSON or parquet conversion) become text."""
+  out = []
+  for key in GPQA_OPTION_FIELDS:
+    v = row.get(key)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+      v = str(v)
+    out.append(_text({key: v}, key).strip())
+  return tuple(out)
+
+
+def read_gpqa(row: Mapping) -> dict:
+  """GPQA (the release's columns: `Question`, `Correct Answer`, `Incorrect Answer 1..3`, optional `Explanation`) as
+  a free-response row: question = the question alone, solution = answer = the correct option's text, reasoning = the
+  expert `Explanation` when present. The options are not put into the question: the release always lists the correct
+  one first, so a fixed order would teach its position; `rlt_jax.evaluate` asks the multiple-choice question itself,
+  shuffled per problem (`rlt_jax.choices`). All four options are required, so a broken row is caught here."""
+  question = _text(row, "Question").strip()
+  correct = gpqa_options(row)[0]
+  return dict(question=question, solution=correct, reasoning=_text(row, "Explanation", required=False),
+              system=None, answer=correct)
+
+
+READERS = {"stratos": read_stratos, "custom": read_custom, "gsm8k": read_gsm8k, "math": read_math, "gpqa": read_gpqa}
 
 
 def detect_reader(row: Mapping) -> str:
   if "conversations" in row:
     return "stratos"
+  if "Correct Answer" in row:  # the GPQA release's column; no other layout uses capitalised names
+    return "gpqa"
   if "problem" in row:
     return "math"
   if "solution" in row or "reasoning_trace" in row:

@@ -32,9 +32,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"        # compute dtype of matmuls and activations; the student, the reference and the
                              # once-a-step copy that sampling and the reward read are stored in it
   c.remat = "none"           # none | full | dots
-  c.data = ml_collections.ConfigDict(dict(path="", reader="auto", strict=False,  # path "" = bundled GSM8K sample
-                                          tfds_data_dir=""))  # where tfds:NAME:SPLIT paths live ("" = TFDS's default)
-  c.format = ml_collections.ConfigDict(dict(style="stratos", teacher_system="", student_system=""))  # "" = default
+  c.data = data_config()
+  c.format = format_config()
   c.batch_size = 1024        # completions per step (prompts × group_size)
   c.group_size = 64          # G samples per prompt
   c.max_prompt_len = 16384
@@ -66,6 +65,26 @@ def default_config() -> ml_collections.ConfigDict:
   c.preflight = True         # plan the run's memory for the real mesh and devices before loading (rlt_jax.preflight)
   c.chip = ""                # "" = detect from the devices; a rlt_jax.plan chip name (h100, tpu-v5p, ...) declares it
   return c
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """The `data` fields of RL, SFT and distillation runs."""
+  return ml_collections.ConfigDict(dict(
+      path="",           # "" = the bundled 300-row GSM8K sample (tiny runs), unless `required`
+      required=False,    # True (the 7B recipes): an empty path is an error, never a silent run on the sample
+      reader="auto", strict=False,
+      tfds_data_dir=""))  # where tfds:NAME:SPLIT paths live ("" = TFDS's default)
+
+
+def format_config() -> ml_collections.ConfigDict:
+  """The `format` fields of every run. "" = the model's recorded value (`rlt_format.json` beside its weights), else
+  the style's default; a value set here wins over the record, with a warning when they differ (loading.make_format)."""
+  return ml_collections.ConfigDict(dict(
+      style="",                # stratos | r1 ("" = the models' recorded style, else stratos)
+      teacher_system="",       # the teacher's system prompt
+      student_system="",       # the student's system prompt (a data row's own `system` still wins for that row)
+      teacher_system_file="",  # or a text file holding it (e.g. a checkpoint's original prompt)
+      student_system_file=""))
 
 
 def config_file(path: str, *, relative_to: str | None = None) -> ml_collections.ConfigDict:
@@ -122,6 +141,9 @@ def check_common(cfg, need, *, lr_field: str | None, learning_rate: float = 0.0)
   if msg:
     raise ConfigError(msg)
   need(cfg.chip in ("",) + memory.CHIP_NAMES, "chip", f"must be '' (detect) or one of {sorted(memory.CHIP_NAMES)}")
+  need(cfg.data.path or not cfg.data.get("required", False), "data.path",
+       "is required by this config (a dataset such as Bespoke-Stratos-17k: .jsonl, .parquet, a save_to_disk folder or "
+       "tfds:NAME:SPLIT); the bundled GSM8K sample is only for the tiny runs")
   if cfg.data.path:
     why = sources.check_source(cfg.data.path, data_dir=cfg.data.get("tfds_data_dir") or None)
     need(why is None, "data.path", f"cannot be read: {why} (expected a .jsonl/.json/.parquet/.array_record file, "

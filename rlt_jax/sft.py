@@ -24,8 +24,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlt_jax import checkpointing, cli, data, hf_checkpoint, loading, loop, metrics, optim, preflight, run_config, \
-    sharding
+from rlt_jax import checkpointing, cli, data, hf_checkpoint, loading, loop, metrics, model_format, optim, preflight, \
+    run_config, sharding
 from rlt_jax.models import logprobs
 from rlt_jax.models.config import ModelConfig
 
@@ -46,9 +46,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.param_dtype = "float32"  # the trained params and AdamW moments (fp32 masters with a bf16 `dtype`)
   c.dtype = "float32"        # compute dtype of matmuls and activations
   c.remat = "none"           # none | full | dots
-  c.data = ml_collections.ConfigDict(dict(path="", reader="auto", strict=False,  # path "" = bundled GSM8K sample
-                                          tfds_data_dir=""))  # where tfds:NAME:SPLIT paths live ("" = TFDS's default)
-  c.format = ml_collections.ConfigDict(dict(style="stratos", teacher_system="", student_system=""))
+  c.data = run_config.data_config()
+  c.format = run_config.format_config()
   c.max_len = 16384          # context; longer rows are truncated (trl's max_seq_length)
   c.pack = True              # pack rows into max_len sequences (segment ids); False = one row a sequence
   c.batch_size = 16          # sequences per optimizer step (all processes together)
@@ -99,7 +98,7 @@ def _sft_step(sc: SFTStepConfig, optimizer, schedule, state, batch):
 
   def loss_fn(params, b):
     loss, n = sequence_loss(sc.model, params, b, chunk_size=sc.chunk_size, denominator=denominator)
-    return loss, {"loss": loss * sc.micro_batches, "tokens": n * sc.micro_batches}  # averaged over parts later
+    return loss, {"loss": loss, "tokens": n}  # each part's share: summed over the parts
 
   grads, m = optim.accumulate_gradients(loss_fn, state["params"], batch, sc.micro_batches)
   grad_norm = optax.tree.norm(grads)
@@ -183,7 +182,23 @@ def _load(cfg, workdir):
   mesh, rules = loading.make_mesh(cfg)
   preflight.check(cfg, mesh, kind="sft")  # before any weights load
   mc, params = loading.load_model(cfg, model_path, tokenizer, mesh, rules, dtype=cfg.dtype, remat=cfg.remat)
-  return tokenizer, loading.make_format(cfg, tokenizer), mesh, rules, mc, params
+  # The format the model itself recorded, if any (an SFT run that continues from an earlier export).
+  fmt = loading.make_format(cfg, tokenizer, **{f"{cfg.kind}_dir": model_path}, path_field="model_path")
+  return tokenizer, fmt, mesh, rules, mc, params
+
+
+def export(cfg, fmt, mc: ModelConfig, params, tokenizer, directory: str) -> None:
+  """The trained model in Hugging Face format, with the format it was trained in (`model_format`): a student's
+  prompt is the one its rows carried (distillation rows carry their own), else the format's."""
+  hf_checkpoint.save_hf(mc, params, directory, tokenizer=tokenizer, dtype=cfg.export_dtype or None)
+  system = None
+  if cfg.kind == "student":
+    system, distinct = model_format.data_system_prompt(cfg.data.path or str(data.SAMPLE_PATH),
+                                                       reader=cfg.data.reader, data_dir=cfg.data.tfds_data_dir or None)
+    if distinct > 1:
+      logging.getLogger("rlt_jax").warning("sft: the rows carry %d different system prompts; %s records the most "
+                                           "common one", distinct, model_format.FILE)
+  model_format.write(directory, fmt, cfg.kind, student_system=system)
 
 
 class SFTTrainer:
@@ -270,8 +285,7 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   if stats.total_bad:
     logging.getLogger("rlt_jax").warning("sft: rows skipped: %s", dict(stats.total_bad))
   if cfg.export_dir:
-    hf_checkpoint.save_hf(mc, state["params"], os.path.join(workdir, cfg.export_dir), tokenizer=tokenizer,
-                          dtype=cfg.export_dtype or None)
+    export(cfg, fmt, mc, state["params"], tokenizer, os.path.join(workdir, cfg.export_dir))
   if jax.process_index() == 0 and last:
     print(f"\nrlt_jax.sft ({cfg.kind}): {total} steps, last loss {last['loss']:.4f}; rows used "
           f"{stats.total_ok}, skipped {dict(stats.total_bad) or 0}; model: "

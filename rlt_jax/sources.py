@@ -3,14 +3,17 @@ demand), as `data.make_dataset`, `distill` and `evaluate` read them.
 
     src = open_source("train.jsonl"); rec = src[0]; row = rows.read_row(decode_payload(rec.payload))
 
-Kinds: *.jsonl / *.json (one JSON object a line), *.parquet, *.array_record (JSON records), a Hugging Face
-`save_to_disk` folder (a Dataset, or the `train` split of a DatasetDict) and "tfds:NAME:SPLIT" (TFDS in array_record
-format). `check_source` says why a spec cannot be read (config validation); `decode_payload` parses one record,
-raising `rows.BadRow` (undecodable / broken_json).
+Kinds: *.jsonl / *.json (one JSON object a line), *.csv (a header row, then one record a row; quoted fields may span
+lines), *.parquet, *.array_record (JSON records), a Hugging Face `save_to_disk` folder (a Dataset, or the `train`
+split of a DatasetDict) and "tfds:NAME:SPLIT" (TFDS in array_record format). `check_source` says why a spec cannot be
+read (config validation); `decode_payload` parses one record, raising `rows.BadRow` (undecodable / broken_json /
+broken_csv).
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import os
 import pathlib
@@ -51,6 +54,61 @@ class JsonlSource:
       f.seek(int(self._starts[i]))
       line = f.read(int(self._ends[i] - self._starts[i]))
     return RawRecord(f"{self.path}:{int(self._lines[i])}", line)
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokenRecord:
+  """A record that cannot become a row (a CSV record with more or fewer fields than its header): `decode_payload`
+  raises it as `rows.BadRow("broken_csv")`, so it is skipped and counted like any bad row."""
+  detail: str
+
+
+class CsvSource:
+  """A CSV file (Python's `csv` module, default dialect): the first row names the columns, each later record is one
+  row of {column: text}; blank lines are not rows. Records are located by the line they start on ("path:line"), since
+  a quoted field may hold newlines. The file is parsed once on opening and its rows kept in memory, as the parquet
+  table is; bytes that are not UTF-8 reach the row readers as bytes, which report them as an undecodable field."""
+
+  def __init__(self, path):
+    self.path = str(path)
+    text = pathlib.Path(self.path).read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    self._records: list[tuple[int, list[str]]] = []  # (first line, fields)
+    header, line = None, 1
+    try:
+      for fields in reader:
+        start, line = line, reader.line_num + 1
+        if not fields:
+          continue
+        if header is None:
+          header = fields
+        else:
+          self._records.append((start, fields))
+    except csv.Error as e:
+      raise ValueError(f"data: {self.path}:{line}: not readable as CSV ({e})") from None
+    self.columns = tuple(header or ())
+    duplicated = sorted({c for c in self.columns if self.columns.count(c) > 1})
+    if duplicated:
+      raise ValueError(f"data: {self.path}:1: the header names column(s) {duplicated} more than once")
+
+  def __len__(self):
+    return len(self._records)
+
+  def __getitem__(self, i):
+    line, fields = self._records[i]
+    where = f"{self.path}:{line}"
+    if len(fields) != len(self.columns):
+      return RawRecord(where, BrokenRecord(f"CSV record has {len(fields)} fields, the header {len(self.columns)}"))
+    return RawRecord(where, {c: _undecoded_as_bytes(v) for c, v in zip(self.columns, fields)})
+
+
+def _undecoded_as_bytes(text: str):
+  """A field holding bytes that were not UTF-8 (kept as surrogates while parsing) goes back to those bytes."""
+  try:
+    text.encode("utf-8")
+    return text
+  except UnicodeEncodeError:
+    return text.encode("utf-8", errors="surrogateescape")
 
 
 class ParquetSource:
@@ -130,7 +188,8 @@ class ConcatSource:
 
 
 def open_source(spec, *, split: str | None = None, data_dir: str | None = None):
-  """A source from a path or spec: *.jsonl, *.parquet, *.array_record, a `save_to_disk` folder, "tfds:NAME:SPLIT"."""
+  """A source from a path or spec: *.jsonl, *.csv, *.parquet, *.array_record, a `save_to_disk` folder,
+  "tfds:NAME:SPLIT"."""
   if not isinstance(spec, (str, os.PathLike)):
     return spec  # already a source (len + getitem → RawRecord)
   s = str(spec)
@@ -148,11 +207,13 @@ def open_source(spec, *, split: str | None = None, data_dir: str | None = None):
     raise FileNotFoundError(f"data: no such data file {p}")
   if p.suffix in (".jsonl", ".json"):
     return JsonlSource(p)
+  if p.suffix == ".csv":
+    return CsvSource(p)
   if p.suffix == ".parquet":
     return ParquetSource(p)
   if ".array_record" in p.name:
     return ArrayRecordSource(p)
-  raise ValueError(f"data: cannot tell the format of {p} (expected .jsonl, .parquet, .array_record, a folder)")
+  raise ValueError(f"data: cannot tell the format of {p} (expected .jsonl, .csv, .parquet, .array_record, a folder)")
 
 
 def check_source(spec, *, data_dir: str | None = None) -> str | None:
@@ -167,7 +228,10 @@ def check_source(spec, *, data_dir: str | None = None) -> str | None:
 
 
 def decode_payload(payload) -> Any:
-  """bytes → parsed JSON (raises BadRow undecodable / broken_json); mappings pass through."""
+  """bytes → parsed JSON (raises BadRow undecodable / broken_json); a `BrokenRecord` raises BadRow broken_csv;
+  mappings pass through."""
+  if isinstance(payload, BrokenRecord):
+    raise rows.BadRow("broken_csv", payload.detail)
   if isinstance(payload, (bytes, bytearray)):
     try:
       text = bytes(payload).decode("utf-8")

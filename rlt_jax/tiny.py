@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlt_jax import data, formats, hf_checkpoint
+from rlt_jax import data, formats, hf_checkpoint, model_format
 from rlt_jax.models import init_params, logprobs
 from rlt_jax.models.config import ModelConfig
 
@@ -116,11 +116,12 @@ def ensure_assets(directory: str | os.PathLike, rows: list[dict], *, vocab_size:
   config = tiny_config(len(tok), eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), **shape)
   params = init_params(config, jax.random.key(seed))
   loss = None
+  fmt = formats.RLTFormat(tok, **(format_overrides or {}))
   if warmup_steps:
-    fmt = formats.RLTFormat(tok, **(format_overrides or {}))
     params, loss = warmup(config, params, warmup_rows(fmt, rows), steps=warmup_steps, seed=seed)
   for name in ("teacher", "student"):
     hf_checkpoint.save_hf(config, params, paths[name], tokenizer=tok)
+    model_format.write(paths[name], fmt, name)  # both warmed up in this format (`warmup_rows`)
   with open(done + ".tmp", "w") as f:
     json.dump({"vocab_size": len(tok), "warmup_steps": warmup_steps, "warmup_loss": loss, **shape}, f)
   os.replace(done + ".tmp", done)  # written last: a run killed mid-build rebuilds everything

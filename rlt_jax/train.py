@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlt_jax import checkpointing, cli, data, decode, distributed, hf_checkpoint, loading, loop, metrics, optim, \
-    precision, preflight, rewards, rl_step, sampling, sharding
+from rlt_jax import checkpointing, cli, data, decode, distributed, hf_checkpoint, loading, loop, metrics, \
+    model_format, optim, precision, preflight, rewards, rl_step, sampling, sharding
 
 
 def decode_schedule(cfg) -> decode.Schedule:
@@ -72,6 +72,8 @@ def finish_rollout(rs: loading.RunSetup, batch: dict, parts: list) -> dict:
   rep = lambda xs: [x for x in xs for _ in range(G)]  # noqa: E731  rows b·G … b·G+G−1 belong to prompt b
   prompt_ids, prompt_mask = np.repeat(batch["prompt_ids"], G, 0), np.repeat(batch["prompt_mask"], G, 0)
   completions = [tokens[i, :lengths[i]] for i in range(len(tokens))]
+  if rs.row_prompts is not None:
+    rs.row_prompts.check(batch["system"])
   examples = rs.fmt.student_examples(rep(batch["question"]), rep(batch["solution"]), completions,
                                      systems=rep(batch["system"]), prompt_lens=list(prompt_mask.sum(1)))
   student = data.collate_students(examples, (cfg.max_student_len,), rs.fmt.pad_id)
@@ -228,9 +230,10 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   last = loop.run(trainer, start=start, total=cfg.steps, checkpoint_every=cfg.checkpoint_every, ckpt=ckpt,
                   writer=writer, bar=loop.progress(cfg.steps, start), on_step=on_step,
                   postfix=lambda m: dict(reward=f"{m['reward_mean']:.3f}", match=f"{m['match_rate']:.2f}"))
-  if cfg.export_dir:  # every process joins the gather; process 0 writes
+  if cfg.export_dir:  # every process joins the gather; process 0 writes, with the format the teacher trained in
     hf_checkpoint.save_hf(rs.teacher_config, trainer.state["params"], os.path.join(workdir, cfg.export_dir),
                           tokenizer=rs.tokenizer, dtype=cfg.export_dtype or None)
+    model_format.write(os.path.join(workdir, cfg.export_dir), rs.fmt, "teacher")
   cli.print_summary(workdir, start, cfg.steps)
   return last
 

@@ -36,3 +36,36 @@ def test_sft_recipes():
       ("student", 1e-5, 3, 96, "cosine", 0.1, 16384)
   d = _load(REPO / "configs" / "distill_qwen2.5_7b.py").get_config()
   assert (d.temperature, d.max_new_tokens, d.distill.candidates) == (0.7, 16384, 1)
+
+
+SEVEN_B = {"rlt_qwen2.5_7b.py": "train", "rlt_qwen2.5_7b_8xh100.py": "train", "rlt_qwen2.5_7b_4x8xh100.py": "train",
+           "rlt_qwen2.5_7b_v5p64.py": "train", "distill_qwen2.5_7b.py": "distill",
+           "teacher_sft_qwen2.5_7b.py": "sft", "student_sft_qwen2.5_7b.py": "sft"}
+
+
+@pytest.mark.parametrize("name", sorted(SEVEN_B))
+def test_7b_configs_refuse_to_start_without_data(name, assets):
+  """The 7B recipes never fall back to the bundled 300-row sample: an empty data.path stops the run before any
+  work, naming the field; with a path they pass. The tiny configs keep the sample."""
+  from rlt_jax import data, distill, run_config, sft
+  cfg = _load(REPO / "configs" / name).get_config()
+  if SEVEN_B[name] == "sft":
+    cfg.model_path = assets["teacher"]
+    check = lambda: sft.validate(cfg)  # noqa: E731
+  else:
+    cfg.teacher_path, cfg.student_path = assets["teacher"], assets["student"]
+    # distill checks its own block, then loading.setup runs the RL validation (without the learning-rate check)
+    check = (lambda: (distill.validate(cfg), run_config.validate(cfg, training=False))) \
+        if SEVEN_B[name] == "distill" else (lambda: run_config.validate(cfg))
+  with pytest.raises(run_config.ConfigError, match=r"^config\.data\.path='': is required by this config"):
+    check()
+  cfg.data.path = str(data.SAMPLE_PATH)
+  check()
+
+
+@pytest.mark.parametrize("name", ["tiny.py", "sft_tiny.py", "distill_tiny.py"])
+def test_tiny_configs_keep_the_bundled_sample(name):
+  from rlt_jax import run_config
+  cfg = _load(REPO / "configs" / name).get_config()
+  assert cfg.data.path == "" and not cfg.data.required
+  run_config.check_common(cfg, run_config.Checker(cfg).need, lr_field=None)

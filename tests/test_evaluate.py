@@ -6,13 +6,19 @@
   recomputation of pass@1 and its standard error; golds and questions agree with the data file read here;
 - a student built by hand to answer every question "\\boxed{7}" gets the hand-worked verdicts, pass@1 = 4/7 and
   standard error sqrt(2)/7 on a mixed GSM8K / MATH / custom file, with bad rows skipped, counted and located;
-- n = 2 samples at T = 1 give two graded responses per problem; bad configs fail early naming the field.
+- n = 2 samples at T = 1 give two graded responses per problem; bad configs fail early naming the field;
+- GPQA (hand-made rows with the release's columns) loads alike from .csv, .jsonl and .parquet, shuffled by a recorded
+  seed; the tiny student's records agree with the file and a re-grading; a scripted sampler that reads the options
+  from each prompt gets hand-worked verdicts (the right letter, the release's letter A moved by the shuffle, the
+  option's value in another form, a wrong option's text, no final answer) and pass@1 = 1/2 ± sqrt(0.05).
 """
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -215,3 +221,167 @@ def test_configs_validate_and_cli_reports_errors(tmp_path):
                            f"--workdir={tmp_path}", *extra], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and f"error: {field}" in proc.stderr, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------------------- GPQA
+# Hand-made rows with the GPQA release's columns (and two of its other columns); row 1's question spans lines.
+GPQA_ROWS = [
+    {"Record ID": "g0", "Question": "Which gas do plants take in for photosynthesis?",
+     "Correct Answer": "Carbon dioxide", "Incorrect Answer 1": "Oxygen", "Incorrect Answer 2": "Nitrogen",
+     "Incorrect Answer 3": "Helium", "Explanation": "Plants fix CO2."},
+    {"Record ID": "g1", "Question": "A ball is dropped.\nWhich quantity stays constant while it falls?",
+     "Correct Answer": "Its acceleration", "Incorrect Answer 1": "Its speed", "Incorrect Answer 2": "Its height",
+     "Incorrect Answer 3": "Its kinetic energy", "Explanation": "Gravity is uniform."},
+    {"Record ID": "g2", "Question": "What is the probability that a fair coin shows heads?", "Correct Answer": "0.5",
+     "Incorrect Answer 1": "0.25", "Incorrect Answer 2": "1", "Incorrect Answer 3": "2", "Explanation": ""},
+    {"Record ID": "g3", "Question": "Which particle carries a negative charge?", "Correct Answer": "The electron",
+     "Incorrect Answer 1": "The proton", "Incorrect Answer 2": "The neutron", "Incorrect Answer 3": "The photon",
+     "Explanation": "By convention."},
+    {"Record ID": "g4", "Question": "Which organelle makes most of a cell's ATP?", "Correct Answer": "Mitochondrion",
+     "Incorrect Answer 1": "Ribosome", "Incorrect Answer 2": "Nucleus", "Incorrect Answer 3": "Golgi apparatus",
+     "Explanation": "Oxidative phosphorylation."},
+    {"Record ID": "g5", "Question": "What is the chemical symbol of sodium?", "Correct Answer": "Na",
+     "Incorrect Answer 1": "S", "Incorrect Answer 2": "So", "Incorrect Answer 3": "N", "Explanation": "Latin natrium."},
+]
+
+
+def write_gpqa(path, records=GPQA_ROWS):
+  """The rows as .csv (stdlib writer), .jsonl or .parquet, by the path's suffix."""
+  import csv
+  if path.suffix == ".csv":
+    with open(path, "w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=list(records[0]))
+      w.writeheader()
+      w.writerows(records)
+  elif path.suffix == ".jsonl":
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  else:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(records), path)
+  return path
+
+
+def shown_options(prompt_text):
+  """{letter: option text} as listed in a prompt's "X) text" lines (read from the text, not from rlt_jax.choices)."""
+  return dict(re.findall(r"^([A-D])\) (.*)$", prompt_text, flags=re.MULTILINE))
+
+
+def test_gpqa_rows_load_alike_from_csv_jsonl_and_parquet(fmt, tmp_path):
+  from rlt_jax import choices
+  loaded = {}
+  for suffix in (".csv", ".jsonl", ".parquet"):
+    path = write_gpqa(tmp_path / f"gpqa_diamond{suffix}")
+    problems, skipped, _ = evaluate.load_problems(str(path), fmt, limit=0, max_prompt_len=512, seed=0)
+    assert skipped == dict(no_answer=0, too_long=0, bad_row=0) and len(problems) == len(GPQA_ROWS)
+    loaded[suffix] = problems
+  assert [p["where"].rsplit(":", 1)[1] for p in loaded[".csv"]] == ["2", "3", "5", "6", "7", "8"]  # row 1 spans 2
+  for suffix, problems in loaded.items():
+    for i, (p, row) in enumerate(zip(problems, GPQA_ROWS)):
+      assert p["question"] == row["Question"] and p["choice"] == loaded[".csv"][i]["choice"], suffix
+      assert p["choice"].seed == choices.problem_seed(0, i)
+      prompt = fmt.tokenizer.decode(p["prompt_ids"].tolist())
+      shown = shown_options(prompt)
+      assert row["Question"] in prompt and sorted(shown.values()) == sorted(rows_options(row))
+      assert shown[p["gold"]] == row["Correct Answer"]  # the gold letter is where the correct option is shown
+  # Another config seed: other seeds, other orders for some problems; the same seed again: the same problems.
+  again, _, _ = evaluate.load_problems(str(tmp_path / "gpqa_diamond.csv"), fmt, limit=0, max_prompt_len=512, seed=0)
+  other, _, _ = evaluate.load_problems(str(tmp_path / "gpqa_diamond.csv"), fmt, limit=0, max_prompt_len=512, seed=5)
+  assert [p["choice"] for p in again] == [p["choice"] for p in loaded[".csv"]]
+  assert [p["choice"].seed for p in other] == [choices.problem_seed(5, i) for i in range(len(GPQA_ROWS))]
+  assert [p["choice"].options for p in other] != [p["choice"].options for p in again]
+
+
+def rows_options(row):
+  return [row[c] for c in ("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")]
+
+
+def test_gpqa_bad_rows_are_skipped_and_located(fmt, tmp_path):
+  broken = [GPQA_ROWS[0], dict(GPQA_ROWS[1], **{"Incorrect Answer 2": ""}), GPQA_ROWS[2]]
+  path = write_gpqa(tmp_path / "g.csv", broken)
+  problems, skipped, where = evaluate.load_problems(str(path), fmt, limit=0, max_prompt_len=512)
+  assert len(problems) == 2 and skipped["bad_row"] == 1
+  assert where["bad_row"] == [f"{path}:3 (empty_field: field 'Incorrect Answer 2' is empty)"]
+
+
+def check_gpqa_records(workdir, results, name, path):
+  """Each <name>.jsonl line against the data file and an independent re-grading: the options shown are the row's,
+  the gold letter is where the correct one is, the seed is the one derived from config.seed and the row, the picks
+  and verdicts follow the responses; pass@1 and its standard error follow the verdicts."""
+  from rlt_jax import choices, rows
+  recs = read_jsonl(os.path.join(workdir, f"{name}.jsonl"))
+  rates = []
+  for i, (rec, row) in enumerate(zip(recs, GPQA_ROWS)):
+    assert rec["index"] == i and rec["question"] == row["Question"] and rec["where"].startswith(str(path))
+    assert rec["row_index"] == i and rec["choice_seed"] == choices.problem_seed(results["seed"], i)
+    assert sorted(rec["choices"]) == ["A", "B", "C", "D"]
+    assert all(row[rec["choice_columns"][k]] == text for k, text in rec["choices"].items())
+    assert rec["gold"] == rec["answer_letter"] and rec["choices"][rec["gold"]] == row["Correct Answer"]
+    mc = choices.MultipleChoice(seed=rec["choice_seed"], options=tuple(rec["choices"].values()),
+                                columns=rows.GPQA_OPTION_FIELDS, answer=rec["gold"])
+    assert rec["picked"] == [mc.pick(r) for r in rec["responses"]]
+    assert rec["correct"] == [p == rec["gold"] for p in rec["picked"]]
+    rates.append(np.mean(rec["correct"]))
+  r = results["benchmarks"][name]
+  assert r["n_problems"] == len(recs) and r["pass@1"] == pytest.approx(np.mean(rates))
+  assert r["stderr"] == pytest.approx(np.std(rates, ddof=1) / np.sqrt(len(rates)))
+  table = open(os.path.join(workdir, "results.md")).read()
+  assert f"| {name} | {100 * r['pass@1']:.2f} | {100 * r['stderr']:.2f} | {len(recs)} | {r['n_samples']} |" in table
+  assert json.load(open(os.path.join(workdir, "results.json"))) == json.loads(json.dumps(results))
+  return recs
+
+
+def test_gpqa_end_to_end_on_the_tiny_student(assets, tmp_path):
+  path = write_gpqa(tmp_path / "gpqa_diamond.parquet")
+  cfg = config_for(assets["student"], assets["tokenizer"], benchmarks=(f"gpqa_diamond={path}",), limit=3,
+                   batch_size=4, max_new_tokens=8, max_prompt_len=512)
+  results = evaluate.run(cfg, str(tmp_path / "out"))
+  recs = check_gpqa_records(tmp_path / "out", results, "gpqa_diamond", path)
+  assert len(recs) == 3 and all(len(r["responses"]) == 1 for r in recs)
+
+
+def test_gpqa_scripted_responses_get_hand_worked_verdicts(assets, tmp_path, monkeypatch):
+  """The sampler replaced by a script that reads each prompt as the model sees it and answers in a set way: the
+  right letter, the letter A (the correct option's place in the release, which the shuffle moved), the correct
+  option's value in another form, a wrong option's text, "(letter)" after "the answer is", no final answer."""
+  tok = hf_checkpoint.load_tokenizer(assets["tokenizer"])
+  path = write_gpqa(tmp_path / "gpqa_diamond.csv")
+  by_question = {row["Question"]: (i, row) for i, row in enumerate(GPQA_ROWS)}
+  script = {
+      0: lambda right, row, shown: f"It must be \\boxed{{{right}}}",
+      1: lambda right, row, shown: "\\boxed{A}",
+      2: lambda right, row, shown: "The answer is \\frac{1}{2}.",  # option text 0.5, by math equivalence
+      3: lambda right, row, shown: "\\boxed{The proton}",
+      4: lambda right, row, shown: f"the answer is ({right}).",
+      5: lambda right, row, shown: "I am not sure.",
+  }
+  seen = {}
+
+  def scripted_sample(config, params, ids, mask, rng, *, max_new_tokens, eos_ids, num_samples, **_):
+    replies = []
+    for b in range(ids.shape[0]):
+      prompt = tok.decode(np.asarray(ids)[b][np.asarray(mask)[b] > 0].tolist())
+      i, row = next(v for q, v in by_question.items() if q in prompt)
+      shown = shown_options(prompt)
+      right = next(k for k, text in shown.items() if text == row["Correct Answer"])
+      seen[i] = right
+      replies += [tok(script[i](right, row, shown), add_special_tokens=False)["input_ids"] + [eos_ids[0]]] * num_samples
+    tokens = np.zeros((len(replies), max(max_new_tokens, max(map(len, replies)))), np.int32)
+    for r, reply in enumerate(replies):
+      tokens[r, :len(reply)] = reply
+    # What evaluate reads of the sampler's result: tokens, lengths (eos included) and finished.
+    return types.SimpleNamespace(tokens=tokens, lengths=np.array([len(x) for x in replies], np.int32),
+                                 finished=np.ones(len(replies), bool))
+
+  monkeypatch.setattr(evaluate.sampling, "sample", scripted_sample)
+  cfg = config_for(assets["student"], assets["tokenizer"], benchmarks=(f"gpqa_diamond={path}",), limit=0,
+                   batch_size=4, max_new_tokens=8, max_prompt_len=512)
+  cfg.seed = 5  # the config's seed reaches the shuffle (check_gpqa_records compares each problem's choice_seed)
+  results = evaluate.run(cfg, str(tmp_path / "out"))
+  recs = check_gpqa_records(tmp_path / "out", results, "gpqa_diamond", path)
+  assert seen[1] != "A"  # the shuffle moved row 1's correct option away from A, so "\boxed{A}" must be wrong
+  wrong_letter_3 = next(k for k, text in recs[3]["choices"].items() if text == "The proton")
+  assert [r["picked"] for r in recs] == [[seen[0]], ["A"], [seen[2]], [wrong_letter_3], [seen[4]], [None]]
+  assert [r["correct"] for r in recs] == [[True], [False], [True], [False], [True], [False]]
+  r = results["benchmarks"]["gpqa_diamond"]
+  assert r["pass@1"] == pytest.approx(0.5) and r["stderr"] == pytest.approx(math.sqrt(0.05))  # sqrt(0.3 / 6)

@@ -55,6 +55,13 @@ def test_policy_loss_matches_numpy(how):
   rho = np.exp(logp - old)
   np.testing.assert_allclose(metrics["clip_fraction"], ((np.abs(rho - 1) > 0.2) * mask).sum() / mask.sum(), rtol=1e-5)
   assert 0 < float(metrics["clip_fraction"]) < 1
+  # The reference KL both ways: per sequence then averaged (the official code's `kl`), and over all tokens.
+  d = ref - logp
+  k3 = np.exp(d) - d - 1
+  per_seq = [(k3[i] * mask[i]).sum() / mask[i].sum() for i in range(len(k3))]
+  np.testing.assert_allclose(metrics["kl_to_ref"], np.mean(per_seq), rtol=1e-5)
+  np.testing.assert_allclose(metrics["kl_to_ref_token"], (k3 * mask).sum() / mask.sum(), rtol=1e-5)
+  assert abs(float(metrics["kl_to_ref"]) - float(metrics["kl_to_ref_token"])) > 1e-3  # lengths differ: not equal
 
 
 def test_one_iteration_gradient_is_reinforce_with_k3():
@@ -74,7 +81,7 @@ def test_one_iteration_gradient_is_reinforce_with_k3():
 @pytest.mark.parametrize("how", grpo.LOSS_AGGREGATIONS)
 def test_accumulated_micro_batches_equal_the_full_batch(how):
   logp, old, ref, adv, mask = batch(2, B=8)
-  cfg = grpo.GRPOConfig(loss_aggregation=how)
+  cfg = grpo.GRPOConfig(loss_aggregation=how, beta=0.04)
   w = jnp.ones(())
 
   def make_loss(denominators):
@@ -83,9 +90,13 @@ def test_accumulated_micro_batches_equal_the_full_batch(how):
     return loss_fn
 
   b = {"logp": logp, "old": old, "ref": ref, "adv": adv, "mask": mask}
-  full, _ = optim.accumulate_gradients(make_loss(None), w, b, 1)
-  parts, _ = optim.accumulate_gradients(make_loss((8, mask.sum())), w, b, 4)
+  full, full_metrics = optim.accumulate_gradients(make_loss(None), w, b, 1)
+  parts, part_metrics = optim.accumulate_gradients(make_loss((8, mask.sum())), w, b, 4)
   np.testing.assert_allclose(parts, full, rtol=1e-5)
+  # Every metric of the parts adds up to the whole batch's (the loss, both KLs, the token means).
+  assert set(part_metrics) == {"loss", "kl_to_ref", "kl_to_ref_token", "clip_fraction", "ratio_mean"}
+  for k in part_metrics:
+    np.testing.assert_allclose(part_metrics[k], full_metrics[k], rtol=1e-5, atol=1e-7, err_msg=k)
   with pytest.raises(ValueError, match="batch of 8 does not split into 3"):
     optim.accumulate_gradients(make_loss(None), w, b, 3)
 

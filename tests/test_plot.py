@@ -18,17 +18,18 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def hand_rows():
-  """Five steps with the keys train.run writes, except the length and kl_to_ref ones; step 3 has a null reward_std
-  (a non-finite value in the run) and no r_kl_no_entropy."""
+  """Five steps with the keys train.run writes, except the length and kl_to_ref ones; step 3 has a null
+  reward_std_batch (a non-finite value in the run) and no r_kl_no_entropy."""
   rows = []
   for i in range(5):
-    row = dict(step=i + 1, reward_mean=-1.0 + 0.25 * i, reward_std=0.5 - 0.05 * i, r_ss=-0.6 + 0.1 * i,
+    row = dict(step=i + 1, reward_mean=-1.0 + 0.25 * i, reward_std_batch=0.5 - 0.05 * i, reward_std=0.3 + 0.01 * i,
+               r_ss=-0.6 + 0.1 * i,
                r_kl=0.3 - 0.02 * i, r_kl_no_entropy=2.0 - 0.1 * i, solution_logp_mean=-0.7 + 0.1 * i,
                solution_logp_min=-3.0 + 0.2 * i, kl_mean=0.1 * i, kl_max=1.0 + i, match_rate=0.125 * i,
                tokens_per_s=100.0 + 7 * i, time_sample=1.0 + 0.1 * i, time_splice=0.5, time_program=0.25 * (i + 1),
                loss=0.01 * (i - 2), grad_norm=0.5 + i, lr=3e-4, skipped=False, rows=["a.jsonl:1", "a.jsonl:2"])
     rows.append(row)
-  rows[2]["reward_std"] = None
+  rows[2]["reward_std_batch"] = None
   del rows[2]["r_kl_no_entropy"]
   return rows
 
@@ -51,6 +52,17 @@ def lines_by_label(fig):
           for line in ax.get_lines()}
 
 
+def band_edges(fig):
+  """The y values of the reward band's polygon vertices (the band's lower and upper edges), sorted and unique."""
+  (band,) = [c for c in fig.axes[0].collections if isinstance(c, PolyCollection)]
+  return sorted(set(np.round(np.concatenate([p.vertices[:, 1] for p in band.get_paths()]), 9)))
+
+
+def edges(rows, std_key):
+  return sorted(set(np.round([r["reward_mean"] + s * r[std_key] for r in rows if r.get(std_key) is not None
+                              for s in (-1, 1)], 9)))
+
+
 def test_figures_hold_the_file_values(tmp_path):
   rows = hand_rows()
   read, skipped = plot.read_metrics(write_metrics(tmp_path / "metrics.jsonl", rows, broken_after=1))
@@ -61,7 +73,7 @@ def test_figures_hold_the_file_values(tmp_path):
   assert set(figs) == {"reward", "match_rate", "throughput", "optimizer"}
   steps = [1.0, 2.0, 3.0, 4.0, 5.0]
   drawn = {name: lines_by_label(fig) for name, fig in figs.items()}
-  for name, keys in {"reward": ["reward_mean", "r_ss", "r_kl", "r_kl_no_entropy", "solution_logp_mean",
+  for name, keys in {"reward": ["reward_mean", "reward_std", "r_ss", "r_kl", "r_kl_no_entropy", "solution_logp_mean",
                                 "solution_logp_min", "kl_mean", "kl_max"],
                      "match_rate": ["match_rate"], "throughput": ["tokens_per_s"],
                      "optimizer": ["loss", "grad_norm", "lr"]}.items():
@@ -72,12 +84,11 @@ def test_figures_hold_the_file_values(tmp_path):
       np.testing.assert_array_equal(y, expected(rows, key), err_msg=key)  # NaN where the row lacks the key
   assert math.isnan(drawn["reward"]["r_kl_no_entropy"][1][2])
 
-  # The reward band is mean ± std; step 3 (null std) leaves a gap, not a zero-width band.
-  (band,) = [c for c in figs["reward"].axes[0].collections if isinstance(c, PolyCollection)]
-  ys = np.concatenate([p.vertices[:, 1] for p in band.get_paths()])
-  want = [r["reward_mean"] + s * r["reward_std"] for r in rows if r["reward_std"] is not None for s in (-1, 1)]
-  got, want = sorted(set(np.round(ys, 9))), sorted(set(np.round(want, 9)))
-  assert len(got) == len(want) and np.allclose(got, want), (got, want)
+  # The reward band is mean ± the std over the batch; step 3 (null std) leaves a gap, not a zero-width band.
+  assert band_edges(figs["reward"]) == pytest.approx(edges(rows, "reward_std_batch"), abs=1e-9)
+  # A file written before reward_std_batch had its name: the band is its reward_std.
+  old = [{k: v for k, v in r.items() if k != "reward_std_batch"} for r in rows]
+  assert band_edges(plot.make_figures(old)["reward"]) == pytest.approx(edges(old, "reward_std"), abs=1e-9)
 
   # The stacked time split: the top of the last layer is the step's total time.
   (time_ax,) = [ax for ax in figs["throughput"].axes if ax.get_title().startswith("time split")]

@@ -28,6 +28,38 @@ def test_readers():
   assert rows.read_row({"question": b"Q?", "solution": b"S"})["question"] == "Q?"  # TFDS gives bytes
 
 
+GPQA_ROW = {"Record ID": "r1", "Question": " Which gas do plants take in?\n", "Correct Answer": "Carbon dioxide ",
+            "Incorrect Answer 1": "Oxygen", "Incorrect Answer 2": "Nitrogen", "Incorrect Answer 3": "Helium",
+            "Explanation": "Photosynthesis fixes CO2.", "Subdomain": "Biology"}
+
+
+def test_gpqa_reader_gives_a_free_response_row():
+  """A GPQA row as training data: the question alone (the release lists the correct option first, so the options
+  in a fixed order would teach its position), the correct option's text as solution and answer, the expert
+  explanation as the reasoning trace."""
+  assert rows.detect_reader(GPQA_ROW) == "gpqa"
+  assert rows.read_row(GPQA_ROW) == dict(question="Which gas do plants take in?", solution="Carbon dioxide",
+                                         reasoning="Photosynthesis fixes CO2.", system=None, answer="Carbon dioxide")
+  no_explanation = {k: v for k, v in GPQA_ROW.items() if k != "Explanation"}
+  assert rows.read_row(no_explanation)["reasoning"] is None
+  assert rows.gpqa_options(GPQA_ROW) == ("Carbon dioxide", "Oxygen", "Nitrogen", "Helium")
+  assert rows.gpqa_options(dict(GPQA_ROW, **{"Correct Answer": 4, "Incorrect Answer 1": 2.5}))[:2] == ("4", "2.5")
+
+
+@pytest.mark.parametrize("change, reason, field", [
+    ({"Question": None}, "missing_field", "Question"),
+    ({"Incorrect Answer 3": None}, "missing_field", "Incorrect Answer 3"),
+    ({"Correct Answer": ""}, "empty_field", "Correct Answer"),
+    ({"Incorrect Answer 1": True}, "wrong_type", "Incorrect Answer 1"),
+    ({"Question": b"\xff"}, "undecodable", "Question"),
+])
+def test_bad_gpqa_rows_name_the_field(change, reason, field):
+  row = {k: v for k, v in dict(GPQA_ROW, **change).items() if v is not None}
+  with pytest.raises(rows.BadRow) as e:
+    rows.read_row(row)
+  assert e.value.reason == reason and repr(field) in e.value.detail
+
+
 @pytest.mark.parametrize("row,reader,reason", [
     ({"solution": "S"}, "custom", "missing_field"),
     ({"question": "  ", "solution": "S"}, "custom", "empty_field"),

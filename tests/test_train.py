@@ -37,7 +37,7 @@ def test_one_step_writes_metrics_completions_and_tensorboard(assets, tmp_path):
   for key in ("step", "reward_mean", "reward_std", "r_ss", "solution_logp_min", "r_kl", "kl_max", "match_rate",
               "advantage_std", "kl_to_ref", "completion_len_mean", "completion_len_max", "truncated_fraction",
               "clip_fraction", "grad_norm", "lr", "tokens_per_s", "time_sample", "time_splice", "time_program",
-              "time_step", "ratio_mean",
+              "time_step", "ratio_mean", "reward_std_batch", "kl_to_ref_token",
               "decode_live_fraction"):
     assert key in row, key
   assert row["step"] == 1 and np.isfinite(row["reward_mean"]) and row["reward_mean"] == last["reward_mean"]
@@ -48,6 +48,13 @@ def test_one_step_writes_metrics_completions_and_tensorboard(assets, tmp_path):
   assert len(row["rows"]) == 2 and all(":" in r for r in row["rows"])  # 8 completions = 2 prompts × 4
   completions = [json.loads(line) for line in open(tmp_path / "completions.jsonl")]
   assert len(completions) == 8 and {"explanation", "reward", "r_ss", "r_kl", "matched"} <= set(completions[0])
+  # reward_std is the official one: the unbiased std within each group of 4, averaged; reward_std_batch the std of
+  # all 8 (completions.jsonl holds every row, in batch order, here).
+  r = np.array([c["reward"] for c in completions])
+  assert [c["row"] for c in completions] == [c["row"] for c in completions[:8:4] for _ in range(4)]
+  assert row["reward_std"] == pytest.approx(r.reshape(2, 4).std(axis=1, ddof=1).mean(), rel=1e-5)
+  assert row["reward_std_batch"] == pytest.approx(r.std(), rel=1e-5)
+  assert row["reward_std"] != pytest.approx(row["reward_std_batch"], rel=1e-3)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
   assert (tmp_path / "checkpoints" / "1").is_dir()  # the last step is always saved
 
