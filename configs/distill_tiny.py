@@ -15,9 +15,11 @@ def get_config():
   c.tiny_models = True  # used only when teacher_path/student_path are empty
   c.seed = 0
   c.format.teacher_system, c.format.student_system = tiny.TEACHER_SYSTEM, tiny.STUDENT_SYSTEM
-  c.max_prompt_len = 384
+  # The bundled sample whole: its longest teacher prompt is 542 tokens in the tiny tokenizer (the start-of-run data
+  # line gives it); max_student_len is what loading._check_student_len asks for with 48 new tokens.
+  c.max_prompt_len = 544
   c.max_new_tokens = 48
-  c.max_student_len = 448
+  c.max_student_len = 608
   c.logprob_chunk_size = 128
   c.distill.candidates = 2
   c.distill.items_per_batch = 8

@@ -18,19 +18,21 @@ Outputs in the workdir:
   skipped.jsonl   items not explained: unreadable rows, prompts over `max_prompt_len`, dropped all-failed items.
   dataset/        the same rows as a Hugging Face `datasets` folder (written when every item is done).
 Each batch's lines are appended and fsync'ed together; a restart with the same command skips the items already in
-either file (a torn last line is discarded), so a run killed at any moment still writes every item exactly once.
+either file (a torn last line is discarded; a damaged line anywhere is logged as file:line, removed, and its item
+done again), so a run killed at any moment still writes every item exactly once.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import time
 
 import jax
 import ml_collections
 import numpy as np
 
-from rlt_jax import cli, data, formats, loading, loop, rows, run_config, sources, train
+from rlt_jax import cli, data, formats, loading, loop, run_config, sources, train
 
 ConfigError = run_config.ConfigError
 _log = logging.getLogger("rlt_jax")
@@ -58,8 +60,21 @@ def choose(matched, fits, reward) -> int:
   return max(range(len(keys)), key=lambda i: keys[i])
 
 
+def _line_index(line: bytes) -> int | None:
+  """The item index a written line records; None for a damaged line (not JSON, not an object, no integer `index`)."""
+  try:
+    rec = json.loads(line)
+  except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+    return None
+  i = rec.get("index") if isinstance(rec, dict) else None
+  return i if isinstance(i, int) and not isinstance(i, bool) and i >= 0 else None
+
+
 def _jsonl_done(path: str) -> set[int]:
-  """Indices already written to `path`; a torn last line (the run was killed mid-write) is cut off first."""
+  """Indices already written to `path`. A torn last line (the run was killed mid-write) is cut off; a damaged line
+  anywhere else (not JSON, or no integer `index`) is logged as `path:line` and the file rewritten without it
+  (atomically: a temporary file fsync'ed, then renamed), so its item, no longer done, is explained again: every item
+  stays written exactly once."""
   if not os.path.exists(path):
     return set()
   with open(path, "rb") as f:
@@ -68,42 +83,75 @@ def _jsonl_done(path: str) -> set[int]:
   if end < len(raw):
     with open(path, "r+b") as f:
       f.truncate(end)
-  return {json.loads(line)["index"] for line in raw[:end].splitlines() if line.strip()}
+  done, kept, bad = set(), [], []
+  for n, line in enumerate(raw[:end].splitlines(keepends=True), 1):
+    if not line.strip():
+      continue
+    i = _line_index(line)
+    if i is None:
+      bad.append(n)
+      snippet = line.strip()[:80].decode("utf-8", "replace")
+      _log.warning("%s:%d: damaged line (not a JSON object with an integer 'index'): %r; removed, its item will be "
+                   "done again", path, n, snippet)
+    else:
+      done.add(i)
+      kept.append(line)
+  if bad:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+      f.writelines(kept)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+      os.fsync(dir_fd)
+    finally:
+      os.close(dir_fd)
+  return done
 
 
 def _append(path: str, rows: list[dict]) -> None:
-  if not rows:
-    return
-  with open(path, "a") as f:
-    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    f.flush()
-    os.fsync(f.fileno())
+  """Appends `rows` to `path` as JSON lines, fsync'ed; the file exists afterwards even when `rows` is empty (both
+  output files are always there once a run has started)."""
+  try:
+    with open(path, "a") as f:
+      f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+      f.flush()
+      os.fsync(f.fileno())
+  except OSError as e:  # a full disk's error names no file: name it (a torn line is cut off on the next run)
+    if e.filename is None:
+      raise OSError(e.errno, e.strerror, path) from e
+    raise
 
 
 def read_items(cfg, fmt: formats.RLTFormat) -> tuple[list[dict], list[dict]]:
-  """(usable items, skipped records) of `data.path` in file order, each with its `index` and `where`."""
-  src = sources.open_source(cfg.data.path or str(data.SAMPLE_PATH), data_dir=cfg.data.tfds_data_dir or None)
+  """(usable items, skipped records) of `data.path` (its first `distill.limit` rows) in file order, each with its
+  `index` and `where`: read, tokenized and filtered by the RL data pipeline's own code (`data.encode_rows`). Logs
+  the data's summary line; no usable item, or a bad row with `data.strict`, is a ConfigError naming
+  config.data.path."""
+  t0 = time.perf_counter()
+  path = cfg.data.path or str(data.SAMPLE_PATH)
+  src = sources.open_source(path, data_dir=cfg.data.tfds_data_dir or None)
   n = len(src) if not cfg.distill.limit else min(len(src), int(cfg.distill.limit))
+  summary = data.DataSummary(path if n == len(src) else f"{path} (config.distill.limit={n})", "prompt",
+                             cfg.max_prompt_len, "max_prompt_len")
   items, skipped = [], []
-  for i in range(n):
-    rec = src[i]
-    try:
-      row = rows.read_row(sources.decode_payload(rec.payload), cfg.data.reader)
-    except rows.BadRow as e:
-      if cfg.data.strict:
-        raise data.BadRowError(f"{rec.where}: bad row ({e.reason}): {e.detail}") from None
-      skipped.append(dict(index=i, where=rec.where, reason=e.reason, detail=e.detail))
-      continue
-    items.append(dict(row, index=i, where=rec.where))
-  prompts = fmt.teacher_prompts([r["question"] for r in items], [r["solution"] for r in items])
-  kept = []
-  for item, p in zip(items, prompts):
-    if len(p) > cfg.max_prompt_len:
-      skipped.append(dict(index=item["index"], where=item["where"], reason="too_long",
-                          detail=f"teacher prompt of {len(p)} tokens, over max_prompt_len={cfg.max_prompt_len}"))
+  for r in data.encode_rows(src, fmt, kind="prompt", max_len=cfg.max_prompt_len, indices=range(n),
+                            reader=cfg.data.reader, length_field="max_prompt_len"):
+    summary.add(r)
+    if r["bad"] is None:
+      items.append(dict(r["example"], index=r["index"]))
     else:
-      kept.append(dict(item, prompt_ids=p))
-  return kept, skipped
+      skipped.append(dict(index=r["index"], where=r["where"], reason=r["bad"][0], detail=r["bad"][1]))
+  summary.seconds = time.perf_counter() - t0
+  if cfg.data.strict and summary.first is not None:
+    _, where, reason, detail, _ = summary.first
+    raise ConfigError(f"config.data.path: {where}: bad row ({reason}): {detail} (config.data.strict=True)")
+  if not items:
+    raise ConfigError(f"config.data.path: {summary.error()}")
+  _log.log(logging.WARNING if skipped else logging.INFO, "%s", summary.line())
+  return items, skipped
 
 
 def student_row(fmt: formats.RLTFormat, item: dict, explanation: str) -> dict:

@@ -22,7 +22,9 @@ same as a markdown table, also printed at the end) and `<benchmark>.jsonl` (one 
 responses, extracted answers, verdicts, pass rate; for multiple choice also `choice_seed` with the `row_index` it
 came from, `answer_letter`, `choices` {letter: option}, `choice_columns` {letter: its release column} and the letters
 `picked`). Rows with no gold answer, unreadable rows and prompts over `max_prompt_len` are skipped, counted per
-reason and logged with their file:line. Single host.
+reason and logged with their file:line, with one summary line per benchmark (`data.DataSummary`); every benchmark is
+read before the model loads, and one with nothing to grade stops the run with a ConfigError naming it, its file, the
+skips per reason and the first skipped row. Single host.
 """
 from __future__ import annotations
 
@@ -138,40 +140,67 @@ def load_problems(path: str, fmt: formats.RLTFormat, *, limit: int, max_prompt_l
   student prompt ids; rows without a gold answer, unreadable rows and over-long prompts are skipped. A GPQA row
   becomes a multiple-choice problem (`choice`: a `choices.MultipleChoice` shuffled by `seed` and the row's index;
   its gold is the correct letter)."""
+  return read_problems(path, fmt, limit=limit, max_prompt_len=max_prompt_len, seed=seed)[:3]
+
+
+def read_problems(path: str, fmt: formats.RLTFormat, *, limit: int, max_prompt_len: int, seed: int = 0,
+                  batch_rows: int = 256):
+  """`load_problems`, and the rows read as a `data.DataSummary` (skips under the row readers' reasons, plus
+  `no_answer`); the prompts are tokenized `batch_rows` at a time, rows past the limit-th problem are not counted."""
+  t0 = time.perf_counter()
   try:
     src = sources.open_source(path)
   except (ValueError, OSError) as e:
     raise ConfigError(f"config.benchmarks: {e}") from None
   problems, skipped, where_skipped = [], dict.fromkeys(_SKIP_REASONS, 0), {r: [] for r in _SKIP_REASONS}
+  summary = data.DataSummary(path, "prompt", max_prompt_len, "max_prompt_len")
 
-  def skip(reason, where):
+  def skip(i, where, reason, place, cause, detail, fields=None, length=None):
     skipped[reason] += 1
-    where_skipped[reason].append(where)
+    where_skipped[reason].append(place)
+    summary.add(dict(index=i, where=where, bad=(cause, detail), length=length, fields=fields))
 
-  for i in range(len(src)):
+  chunk = min(batch_rows, limit) if limit else batch_rows
+  for start in range(0, len(src), chunk):
     if limit and len(problems) >= limit:
       break
-    rec = src[i]
-    try:
-      raw = sources.decode_payload(rec.payload)
-      row = rows.read_row(raw)
-      choice = choices.MultipleChoice.from_row(raw, config_seed=seed, row_index=i) \
-          if rows.detect_reader(raw) == "gpqa" else None  # (read_row took raw, so it is a mapping)
-    except rows.BadRow as e:
-      skip("bad_row", f"{rec.where} ({e})")
-      continue
-    question = choice.question_text(row["question"]) if choice else row["question"]
-    gold = choice.answer if choice else row["answer"] or _short_answer(raw)
-    if not gold:
-      skip("no_answer", rec.where)
-      continue
-    text = fmt.student_prompt_text(question, row["system"])
-    ids = np.asarray(fmt.tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
-    if len(ids) > max_prompt_len:
-      skip("too_long", f"{rec.where} ({len(ids)} tokens)")
-      continue
-    problems.append(dict(where=rec.where, question=row["question"], gold=gold, prompt_ids=ids, choice=choice))
-  return problems, skipped, where_skipped
+    entries = []  # in file order: (i, where, BadRow) or (i, where, row, question, gold, choice, prompt text)
+    for i in range(start, min(start + chunk, len(src))):
+      rec, raw = src[i], None
+      try:
+        raw = sources.decode_payload(rec.payload)
+        row = rows.read_row(raw)
+        choice = choices.MultipleChoice.from_row(raw, config_seed=seed, row_index=i) \
+            if rows.detect_reader(raw) == "gpqa" else None  # (read_row took raw, so it is a mapping)
+      except rows.BadRow as e:
+        entries.append((i, rec.where, e, list(raw)[:12] if isinstance(raw, dict) else None))
+        continue
+      question = choice.question_text(row["question"]) if choice else row["question"]
+      gold = choice.answer if choice else row["answer"] or _short_answer(raw)
+      entries.append((i, rec.where, row, question, gold, choice, fmt.student_prompt_text(question, row["system"])))
+    texts = [e[6] for e in entries if len(e) == 7 and e[4]]
+    ids_all = iter(fmt.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    for e in entries:
+      if limit and len(problems) >= limit:
+        break
+      if len(e) == 4:
+        i, where, err, fields = e
+        skip(i, where, "bad_row", f"{where} ({err})", err.reason, err.detail, fields)
+        continue
+      i, where, row, question, gold, choice, _ = e
+      if not gold:
+        skip(i, where, "no_answer", where, "no_answer", "no gold answer (a GSM8K 'answer' without its '#### N' line, "
+             "or no 'answer')")
+        continue
+      ids = np.asarray(next(ids_all), np.int32)
+      if len(ids) > max_prompt_len:
+        skip(i, where, "too_long", f"{where} ({len(ids)} tokens)", "too_long",
+             f"{len(ids)} tokens, over max_prompt_len={max_prompt_len}", length=len(ids))
+        continue
+      summary.add(dict(index=i, where=where, bad=None, length=len(ids)))
+      problems.append(dict(where=where, question=row["question"], gold=gold, prompt_ids=ids, choice=choice))
+  summary.seconds = time.perf_counter() - t0
+  return problems, skipped, where_skipped, summary
 
 
 def _short_answer(raw) -> str | None:
@@ -279,6 +308,17 @@ def run(cfg, workdir: str) -> dict:
   tokenizer = hf_checkpoint.load_tokenizer(tok_path)
   # The prompt the student was trained with (its rlt_format.json), unless the config sets one.
   fmt = loading.make_format(cfg, tokenizer, student_dir=model_path, path_field="model_path")
+  loaded = []  # every benchmark read before the model loads: one that has nothing to grade stops the run at once
+  for b, (name, path) in enumerate(benchmarks):
+    problems, skipped, where, summary = read_problems(path, fmt, limit=cfg.limit, max_prompt_len=cfg.max_prompt_len,
+                                                      seed=cfg.seed)
+    for reason, places in where.items():
+      if places:
+        _log.warning("%s: skipped %d rows (%s), e.g. %s", name, len(places), reason, "; ".join(places[:5]))
+    if not problems:
+      raise ConfigError(f"config.benchmarks[{b}]: benchmark {name} has nothing to grade: {summary.error()}")
+    _log.log(logging.WARNING if summary.skipped else logging.INFO, "%s: %s", name, summary.line())
+    loaded.append((problems, skipped))
   mesh, rules = loading.make_mesh(cfg)
   model_config, params = loading.load_model(cfg, model_path, tokenizer, mesh, rules, dtype=cfg.dtype)
   if cfg.max_prompt_len + cfg.max_new_tokens > model_config.max_position_embeddings:
@@ -289,18 +329,11 @@ def run(cfg, workdir: str) -> dict:
   results = {"model_path": model_path, "student_system": fmt.student_system, "temperature": cfg.temperature,
              "top_p": cfg.top_p, "num_samples": cfg.num_samples, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
              "benchmarks": {}}
-  for b, (name, path) in enumerate(benchmarks):
-    problems, skipped, where = load_problems(path, fmt, limit=cfg.limit, max_prompt_len=cfg.max_prompt_len,
-                                             seed=cfg.seed)
-    for reason, places in where.items():
-      if places:
-        _log.warning("%s: skipped %d rows (%s), e.g. %s", name, len(places), reason, "; ".join(places[:5]))
+  for b, ((name, path), (problems, skipped)) in enumerate(zip(benchmarks, loaded)):
     t0 = time.perf_counter()
     key = jax.random.fold_in(jax.random.key(cfg.seed), b)
     r = _evaluate_benchmark(cfg, name, problems, model_config, params, fmt, mesh, rules, key,
-                            os.path.join(workdir, f"{name}.jsonl")) if problems else \
-        {"pass@1": None, "stderr": None, "n_problems": 0, "n_samples": cfg.num_samples,
-         "mean_response_tokens": None, "truncated_fraction": None}
+                            os.path.join(workdir, f"{name}.jsonl"))
     results["benchmarks"][name] = dict(r, path=path, skipped=skipped, seconds=time.perf_counter() - t0)
   table = markdown_table(results)
   with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -159,7 +159,8 @@ def load_model(cfg, path: str, tokenizer, mesh, rules, *, param_dtype: str | Non
 
 def setup(cfg, workdir: str, *, before_loading=None, training: bool = True) -> RunSetup:
   """Everything an RL run needs, from its config. `before_loading(cfg, mesh)` runs once the mesh exists and before
-  any weights load (train.run passes the memory preflight); `training` as in `run_config.validate`."""
+  any weights load (train.run passes the memory preflight); `training` as in `run_config.validate`, and a training
+  run reads its data once first (`survey_data`; distillation reads its own items)."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO through absl
   if jax.process_index() != 0:  # progress and info once, from process 0; warnings (e.g. bad rows) from every one
@@ -173,6 +174,8 @@ def setup(cfg, workdir: str, *, before_loading=None, training: bool = True) -> R
     teacher_path, student_path, tok_path = paths["teacher"], paths["student"], paths["tokenizer"]
   tokenizer = hf_checkpoint.load_tokenizer(tok_path)
   fmt = make_format(cfg, tokenizer, teacher_dir=teacher_path, student_dir=student_path)
+  if training:  # every row read once, before any weights load: a summary line, or an error if none is usable
+    survey_data(cfg, fmt, kind="prompt", max_len=cfg.max_prompt_len, length_field="max_prompt_len")
   mesh, rules = make_mesh(cfg)
   if cfg.rollout_tensor:  # a size that cannot fit stops the run before any weights load
     run_config.Checker(cfg).call("rollout_tensor", sharding.rollout_tensor, mesh, 1, 1, int(cfg.rollout_tensor))
@@ -188,11 +191,23 @@ def setup(cfg, workdir: str, *, before_loading=None, training: bool = True) -> R
                               batch_size=cfg.batch_size // cfg.group_size // jax.process_count(),
                               buckets=(cfg.max_prompt_len,), seed=cfg.seed, num_epochs=None,
                               reader=cfg.data.reader, strict=cfg.data.strict, stats=stats,
-                              data_dir=cfg.data.tfds_data_dir or None)
+                              data_dir=cfg.data.tfds_data_dir or None, length_field="max_prompt_len")
   eos_ids = tuple(sorted({i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id)
                           if isinstance(i, int) and i >= 0}))
   return RunSetup(cfg, tokenizer, fmt, mesh, rules, tc, tp, sc, sp, g, r, dataset, eos_ids,
                   make_rollout(cfg, mesh, tc, tp), model_format.RowPrompts(student_path))
+
+
+def survey_data(cfg, fmt: formats.RLTFormat, *, kind: str, max_len: int, length_field: str,
+                truncate: bool = False) -> data.DataSummary:
+  """`data.survey` of the config's data (`data.path`, else the bundled sample): its summary line logged; no usable
+  row (or, with `data.strict`, a bad one) is a ConfigError naming config.data.path."""
+  try:
+    return data.survey([cfg.data.path or str(data.SAMPLE_PATH)], fmt, kind=kind, max_len=max_len,
+                       length_field=length_field, reader=cfg.data.reader, truncate=truncate, strict=cfg.data.strict,
+                       data_dir=cfg.data.tfds_data_dir or None)
+  except (data.NoUsableRowsError, data.BadRowError) as e:
+    raise run_config.ConfigError(f"config.data.path: {e}") from None
 
 
 def _barrier(name: str) -> None:

@@ -6,10 +6,11 @@ step k−1 only after step k is queued, so the host never leaves the devices idl
 come back a step late, in one transfer. The loop runs under `jax.transfer_guard("disallow")`: every host↔device
 transfer on the step path is an explicit `device_put` / `device_get` (checkpoint writes are allowed their own).
 Before a checkpoint every pending step is reported, so `metrics.jsonl` never ends before the checkpoint a resume
-starts from.
+starts from. A checkpoint write that fails stops the run with the Checkpointer's one-line error.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Protocol
 
@@ -72,8 +73,22 @@ def run(trainer: Trainer, *, start: int, total: int, checkpoint_every: int, ckpt
           pending = None
           with jax.transfer_guard("allow"):  # orbax reads the state back itself
             ckpt.save(step + 1, trainer.state, trainer.data_state())
-  finally:  # an exception (or Ctrl-C) still finishes the checkpoint in flight
+  except BaseException:  # an exception (or Ctrl-C) still finishes the checkpoint in flight, and stays the error
+    _close(ckpt, bar, writer, failing=True)
+    raise
+  _close(ckpt, bar, writer, failing=False)
+  return last
+
+
+def _close(ckpt, bar, writer, *, failing: bool) -> None:
+  """Waits for the checkpoint in flight, then closes the bar and the writer. A failed write (`ckpt.wait` raises
+  checkpointing.CheckpointError) is the run's error, or, when the run is already failing, one logged line."""
+  try:
     ckpt.wait()
+  except Exception as e:  # noqa: BLE001
+    if not failing:
+      raise
+    logging.getLogger("rlt_jax").error("%s", e)
+  finally:
     bar.close()
     writer.close()
-  return last

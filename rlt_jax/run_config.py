@@ -5,6 +5,8 @@ one helper of every validator (`validate` here for RL and distillation runs, `sf
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 
 import jax
@@ -64,6 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.export_dtype = ""        # dtype of the exported tensors ("" = param_dtype, e.g. the fp32 masters)
   c.preflight = True         # plan the run's memory for the real mesh and devices before loading (rlt_jax.preflight)
   c.chip = ""                # "" = detect from the devices; a rlt_jax.plan chip name (h100, tpu-v5p, ...) declares it
+  c.allow_config_change = False  # resume although fields outside RESUME_SAFE_FIELDS differ from the checkpoint's
   return c
 
 
@@ -202,3 +205,87 @@ def validate(cfg, *, training: bool = True) -> tuple[grpo.GRPOConfig, rewards.Re
   need(int(cfg.decode.buckets) >= 1, "decode.buckets", "must be >= 1 (1 = no packing of finished rows)")
   need(int(cfg.decode.min_rows) >= 1, "decode.min_rows", "must be >= 1")
   return g, r
+
+
+# ------------------------------------------------------------------------------------------------- resume checks
+# The fields a resumed run may change. Every other field of the run config (RL's, SFT's) is compared with the config
+# saved with the checkpoint (<workdir>/checkpoints/<step>/config/run_config.json), and a difference stops the resume
+# (`check_resume`) unless config.allow_config_change=True: an allowlist, so a field added later is checked until it is
+# listed here. A name covers its sub-fields ("decode" is decode.*).
+RESUME_SAFE_FIELDS = (
+    # How long the run goes, where and how often it writes, when it gives up: not what a step computes.
+    "steps", "workdir", "resume", "allow_config_change", "checkpoint_every", "keep_checkpoints",
+    "log_completions_fraction", "tensorboard", "export_dir", "export_dtype", "max_bad_steps", "preflight", "chip",
+    # Layout and memory: the same math on other hardware (resuming on another mesh or device count is supported).
+    "mesh", "num_devices", "sharding_rules", "rollout_tensor", "rollout_rules", "sample_micro_batch",
+    "reward_micro_batch", "decode", "remat", "logprob_chunk_size",
+    "grpo.micro_batches", "micro_batches",  # gradient accumulation (RL, SFT): the parts sum to the batch's gradient
+)
+
+
+def resume_safe_fields(saved: dict, cfg) -> tuple[str, ...]:
+  """RESUME_SAFE_FIELDS for resuming `cfg` from a checkpoint whose config is `saved`. SFT (a config with
+  `lr_schedule`) spans its learning-rate schedule (cosine decay, warmup_ratio) over its step count, and with steps=0
+  reads its data `epochs` times: there `steps` is safe to change only on a constant schedule without warmup, between
+  two non-zero values."""
+  if "lr_schedule" not in cfg:
+    return RESUME_SAFE_FIELDS
+  fixed = cfg.lr_schedule == "constant" and not cfg.warmup_ratio and cfg.steps and saved.get("steps")
+  return RESUME_SAFE_FIELDS if fixed else tuple(f for f in RESUME_SAFE_FIELDS if f != "steps")
+
+
+def config_json(cfg) -> dict:
+  """The run config as the JSON a checkpoint saves (tuples become lists)."""
+  return json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg), default=repr))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) and v:
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_changes(saved: dict, cfg, *, safe=RESUME_SAFE_FIELDS) -> tuple[list[tuple[str, object, object]], list[str]]:
+  """(changed, unmatched) between a checkpoint's config `saved` and `cfg`, fields in `safe` left out: changed as
+  (dotted field, old, new), by name; unmatched the fields only one of them has (added to or removed
+  from the code since the checkpoint: not compared)."""
+  old, new = _flat(saved), _flat(config_json(cfg))
+  is_safe = lambda f: any(f == s or f.startswith(s + ".") for s in safe)  # noqa: E731
+  same = lambda a, b: a == b or json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731 NaN
+  changed = [(f, old[f], v) for f, v in new.items() if f in old and not is_safe(f) and not same(old[f], v)]
+  return changed, sorted(f for f in set(old) ^ set(new) if not is_safe(f))
+
+
+def _show(value, limit: int = 60) -> str:
+  text = json.dumps(value, ensure_ascii=False)
+  return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def check_resume(saved: dict | None, cfg, *, where: str) -> None:
+  """Stops the resume of `where` (e.g. "the checkpoint at step 10 in /w/checkpoints") when `cfg` differs from its
+  saved config `saved` outside `resume_safe_fields`: a ConfigError listing each field old → new, or, with
+  config.allow_config_change=True, a warning. `saved=None` (a checkpoint written before configs were saved with
+  checkpoints): an info line, nothing compared."""
+  log = logging.getLogger("rlt_jax")
+  if saved is None:
+    log.info("%s holds no run config (written before run configs were saved with checkpoints): the config could not "
+             "be compared", where)
+    return
+  changed, unmatched = config_changes(saved, cfg, safe=resume_safe_fields(saved, cfg))
+  if unmatched:
+    log.info("not compared with the config of %s (fields only one of the two has): %s", where, ", ".join(unmatched))
+  if not changed:
+    return
+  listing = ", ".join(f"{f} {_show(a)} → {_show(b)}" for f, a, b in changed)
+  if cfg.get("allow_config_change", False):
+    log.warning("config.allow_config_change=True: resuming %s with changed fields: %s", where, listing)
+    return
+  why = " (an SFT run's learning-rate schedule and data passes follow config.steps)" if any(
+      f == "steps" for f, _, _ in changed) else ""
+  raise ConfigError(f"the config differs from the one that wrote {where} in fields that change what a step computes: "
+                    f"{listing}{why}; set them back, use a new workdir, or pass --config.allow_config_change=True to "
+                    "resume anyway")

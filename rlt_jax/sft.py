@@ -72,6 +72,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.export_dtype = ""        # dtype of the exported tensors ("" = param_dtype)
   c.preflight = True         # plan the step's memory for the real mesh and devices before loading (rlt_jax.preflight)
   c.chip = ""                # "" = detect from the devices; a rlt_jax.plan chip name declares it
+  c.allow_config_change = False  # resume although fields outside run_config.RESUME_SAFE_FIELDS differ from the
+                                 # checkpoint's (steps too, unless the schedule is constant: resume_safe_fields)
   return c
 
 
@@ -141,7 +143,8 @@ def _dataset(cfg, fmt, *, num_epochs, stats=None):
   return data.make_dataset([cfg.data.path or str(data.SAMPLE_PATH)], fmt, kind=KINDS[cfg.kind],
                            batch_size=cfg.batch_size // jax.process_count(), buckets=_buckets(cfg), seed=cfg.seed,
                            num_epochs=num_epochs, reader=cfg.data.reader, strict=cfg.data.strict, stats=stats,
-                           data_dir=cfg.data.tfds_data_dir or None, truncate=True, pack=cfg.pack, drop_remainder=False)
+                           data_dir=cfg.data.tfds_data_dir or None, truncate=True, pack=cfg.pack, drop_remainder=False,
+                           length_field="max_len")
 
 
 def count_steps(cfg, fmt) -> int:
@@ -248,6 +251,8 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   validate(cfg)
   os.makedirs(workdir, exist_ok=True)
   tokenizer, fmt, mesh, rules, mc, params = _load(cfg, workdir)
+  # Every row read once first: a summary line, or an error naming config.data.path when no row is usable.
+  loading.survey_data(cfg, fmt, kind=KINDS[cfg.kind], max_len=cfg.max_len, length_field="max_len", truncate=True)
   total = int(cfg.steps) or count_steps(cfg, fmt)
   warmup = int(math.ceil(cfg.warmup_ratio * total))
   opt_cfg = optim.OptimConfig(learning_rate=cfg.learning_rate, lr_schedule=cfg.lr_schedule, warmup_steps=warmup,
@@ -269,8 +274,8 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
                       f"sequences must split over the {shards} devices of the mesh's batch axes")
   step_fn = jax.jit(lambda s, b: _sft_step(sc, optimizer, schedule, s, b), donate_argnums=0,
                     in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
-  state, data_state = ckpt.restore_latest(state, resume=cfg.resume)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, config=cfg)
+  state, data_state = ckpt.restore_latest(state, resume=cfg.resume, steps=total)
   stats = data.RowStats()
   it = iter(_dataset(cfg, fmt, num_epochs=None if cfg.steps else cfg.epochs, stats=stats))
   if data_state is not None:

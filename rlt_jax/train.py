@@ -219,8 +219,8 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   """
   rs = loading.setup(cfg, workdir, before_loading=preflight.check)
   state = initial_state(rs, optim.make_optimizer(rs.grpo_config.optim))
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
-  state, data_state = ckpt.restore_latest(state, resume=cfg.resume)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, config=cfg)
+  state, data_state = ckpt.restore_latest(state, resume=cfg.resume, steps=cfg.steps)
   it = iter(rs.dataset)
   if data_state is not None:
     it.set_state(data_state)

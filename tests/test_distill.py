@@ -1,6 +1,7 @@
 """rlt_jax.distill: the candidate rule, Stratos rows that read back, every item exactly once (also across a real
 SIGKILL and restart), the datasets folder, torn last lines."""
 import json
+import logging
 import os
 import random
 import signal
@@ -113,3 +114,74 @@ def test_sigkill_and_restart_write_every_item_exactly_once(assets, tmp_path):
   indices = [r["index"] for r in rows] + [s["index"] for s in skipped]
   assert sorted(indices) == list(range(n))                           # each item once: none lost, none repeated
   assert len(rows) > before
+
+
+def test_damaged_lines_are_reported_with_file_and_line_and_removed(tmp_path, caplog):
+  path = tmp_path / "distill.jsonl"
+  lines = ['{"index": 0}', '{"index": 1, "reas', "not json", '{"index": "2"}', "[3]", '{"index": 4}', '{"index": true}']
+  path.write_text("\n".join(lines) + '\n{"index": 9, "to')                     # and a torn last line
+  with caplog.at_level(logging.WARNING, logger="rlt_jax"):
+    assert distill._jsonl_done(str(path)) == {0, 4}
+  assert [f"{path}:{n}: damaged line" in caplog.text for n in (2, 3, 4, 5, 7)] == [True] * 5
+  assert path.read_text() == '{"index": 0}\n{"index": 4}\n'                    # rewritten without them
+  assert not os.path.exists(f"{path}.tmp")
+
+
+def test_damaged_middle_lines_are_redone_exactly_once(assets, tmp_path, caplog):
+  """A damaged middle line of distill.jsonl and a damaged skipped.jsonl line: both named as file:line, their items
+  done again, every item in the two files exactly once."""
+  src = tmp_path / "items.jsonl"
+  sample = open(data.SAMPLE_PATH).read().splitlines()[:6]
+  sample[2] = sample[4] = json.dumps({"question": "no solution here"})           # two skipped bad rows
+  src.write_text("\n".join(sample) + "\n")
+  cfg = _config(assets, workdir_items=6, **{"data.path": str(src), "distill.export_dataset": False,
+                                            "distill.items_per_batch": 2})
+  out = tmp_path / "out"
+  distill.run(cfg, str(out))
+  written, skipped = (out / "distill.jsonl").read_text().splitlines(), (out / "skipped.jsonl").read_text().splitlines()
+  assert len(written) >= 3 and len(skipped) >= 2
+  lost_row, lost_skip = json.loads(written[1])["index"], json.loads(skipped[0])["index"]
+  written[1] = written[1][:60]                                                   # not JSON any more
+  skipped[0] = json.dumps({"reason": "missing_field"})                           # JSON without an index
+  (out / "distill.jsonl").write_text("\n".join(written) + "\n")
+  (out / "skipped.jsonl").write_text("\n".join(skipped) + "\n")
+  with caplog.at_level(logging.WARNING, logger="rlt_jax"):
+    assert distill.run(cfg, str(out))["total"] == 6
+  assert f"{out / 'distill.jsonl'}:2: damaged line" in caplog.text
+  assert f"{out / 'skipped.jsonl'}:1: damaged line" in caplog.text
+  rows, skips = _lines(out / "distill.jsonl"), _lines(out / "skipped.jsonl")
+  assert sorted([r["index"] for r in rows] + [s["index"] for s in skips]) == list(range(6))
+  assert lost_row in [r["index"] for r in rows] and lost_skip in [s["index"] for s in skips]
+
+
+@pytest.mark.parametrize("cause", ["other_columns", "missing_fields", "too_long"])
+def test_data_without_a_usable_item_stops_distill_at_once(assets, tmp_path, cause):
+  """Other column names, rows missing their fields, every prompt over max_prompt_len: distill stops before sampling
+  (it used to finish with nothing written), naming the data, the skips per reason and the first offending row."""
+  import re
+
+  from test_data import unusable_data
+  path, first = unusable_data(tmp_path, cause)
+  reason, limit = ("too_long", 32) if cause == "too_long" else ("missing_field", 384)
+  with pytest.raises(distill.ConfigError, match=re.escape(
+      f"config.data.path: no usable row in {path}: all 6 rows skipped ({reason} 6); first skipped: {first} ({reason}")):
+    distill.run(_config(assets, max_prompt_len=limit, **{"data.path": str(path)}), str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "distill.jsonl").exists()
+
+
+def test_distill_tiny_keeps_every_item_and_logs_its_data_line(assets, tmp_path, caplog, monkeypatch):
+  """configs/distill_tiny.py explains its items whole (none over max_prompt_len) and says so before sampling."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("distill_tiny", REPO / "configs" / "distill_tiny.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  cfg.teacher_path, cfg.student_path, cfg.tokenizer_path = assets["teacher"], assets["student"], assets["tokenizer"]
+  cfg.distill.limit = 0
+  monkeypatch.setattr(distill, "_explain", lambda *a: (_ for _ in ()).throw(RuntimeError("stopped")))
+  with caplog.at_level("INFO", logger="rlt_jax"), pytest.raises(RuntimeError, match="stopped"):
+    distill.run(cfg, str(tmp_path))
+  (line,) = [m for m in caplog.messages if m.startswith("data: ")]
+  assert line.startswith(f"data: 300 rows in {data.SAMPLE_PATH}: 300 used, none skipped; the longest prompt has 542 "
+                         "tokens (config.max_prompt_len=544)"), line
+  assert not (tmp_path / "skipped.jsonl").exists() or not _lines(tmp_path / "skipped.jsonl")

@@ -385,3 +385,36 @@ def test_gpqa_scripted_responses_get_hand_worked_verdicts(assets, tmp_path, monk
   assert [r["correct"] for r in recs] == [[True], [False], [True], [False], [True], [False]]
   r = results["benchmarks"]["gpqa_diamond"]
   assert r["pass@1"] == pytest.approx(0.5) and r["stderr"] == pytest.approx(math.sqrt(0.05))  # sqrt(0.3 / 6)
+
+
+@pytest.mark.parametrize("cause", ["other_columns", "missing_fields", "too_long"])
+def test_a_benchmark_with_nothing_to_grade_stops_the_run(assets, tmp_path, cause):
+  """Other column names, rows missing their fields, every prompt over max_prompt_len: evaluate stops before the
+  model loads (it used to exit 0 with an empty result), naming the benchmark, its file, the skips per reason and the
+  first offending row; a good benchmark beside it does not hide it."""
+  from test_data import unusable_data
+  path, first = unusable_data(tmp_path, cause)
+  reason, limit = ("too_long", 80) if cause == "too_long" else ("missing_field", 384)
+  good = tmp_path / "good.jsonl"
+  good.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2"}) + "\n")  # its prompt fits in 80 tokens
+  cfg = config_for(assets["student"], assets["tokenizer"], benchmarks=(f"good={good}", f"bad={path}"), limit=0,
+                   max_prompt_len=limit)
+  with pytest.raises(evaluate.ConfigError, match=re.escape(
+      f"config.benchmarks[1]: benchmark bad has nothing to grade: no usable row in {path}: all 6 rows skipped "
+      f"({reason} 6); first skipped: {first} ({reason}")):
+    evaluate.run(cfg, str(tmp_path / "out"))
+  assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_problems_read_in_batches_equal_one_by_one_and_stop_at_the_limit(fmt, tmp_path, caplog):
+  bench = tmp_path / "mixed.jsonl"
+  mixed_benchmark(bench)
+  outs = [evaluate.read_problems(str(bench), fmt, limit=0, max_prompt_len=512, batch_rows=b) for b in (1, 4, 256)]
+  for problems, skipped, where, summary in outs:
+    assert [p["where"] for p in problems] == [f"{bench}:{i}" for i in range(1, 8)]
+    assert [p["prompt_ids"].tolist() for p in problems] == [p["prompt_ids"].tolist() for p in outs[0][0]]
+    assert skipped == dict(no_answer=1, too_long=1, bad_row=1) and where == outs[0][2]
+    assert (summary.rows, summary.used, summary.skipped) == (10, 7, dict(no_answer=1, broken_json=1, too_long=1))
+  # The first 7 problems fill the limit: the rows after them are neither read nor counted.
+  problems, skipped, _, summary = evaluate.read_problems(str(bench), fmt, limit=7, max_prompt_len=512, batch_rows=4)
+  assert len(problems) == 7 and skipped == dict(no_answer=0, too_long=0, bad_row=0) and summary.rows == 7

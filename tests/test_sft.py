@@ -181,3 +181,42 @@ def test_bad_config_names_the_field(assets, tmp_path):
     sft.run(_config(assets, micro_batches=3), str(tmp_path))
   with pytest.raises(sft.ConfigError, match="config.batch_size=2: .* 8 devices"):
     sft.run(_config(assets, num_devices=8), str(tmp_path))
+
+
+@pytest.mark.parametrize("cause", ["other_columns", "missing_fields", "too_long"])
+def test_data_without_a_usable_row_stops_sft_at_once(assets, tmp_path, cause):
+  """Other column names, rows missing their fields, a max_len that cuts every row before its completion: SFT
+  stops before counting or training (with steps > 0 it used to loop forever), naming the data, the skips per reason
+  and the first offending row."""
+  import re
+
+  from test_data import unusable_data
+  path, first = unusable_data(tmp_path, cause)
+  reason, max_len = ("no_target", 32) if cause == "too_long" else ("missing_field", 1024)
+  with pytest.raises(sft.ConfigError, match=re.escape(
+      f"config.data.path: no usable row in {path}: all 6 rows skipped ({reason} 6); first skipped: {first} ({reason}")):
+    sft.run(_config(assets, steps=3, max_len=max_len, **{"data.path": str(path)}), str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_sft_logs_its_data_line_at_start(assets, tmp_path, monkeypatch, caplog):
+  """The sample's teacher rows fit the tiny SFT context whole: none skipped, none cut; said before the step count."""
+  monkeypatch.setattr(sft, "count_steps", lambda cfg, fmt: (_ for _ in ()).throw(RuntimeError("stopped")))
+  with caplog.at_level("INFO", logger="rlt_jax"), pytest.raises(RuntimeError, match="stopped"):
+    sft.run(_config(assets), str(tmp_path))
+  (line,) = [m for m in caplog.messages if m.startswith("data: ")]
+  assert line.startswith(f"data: 300 rows in {data.SAMPLE_PATH}: 300 used, none skipped; the longest row has 847 "
+                         "tokens (config.max_len=1024); read in"), line
+
+
+def test_resume_stops_on_a_changed_field_or_fewer_steps(assets, tmp_path):
+  """SFT saves its config with each checkpoint too; its cosine schedule spans config.steps, so steps is compared."""
+  sft.run(_config(assets, steps=2, checkpoint_every=1), str(tmp_path))
+  with pytest.raises(sft.ConfigError, match=r"what a step computes: learning_rate 0.001 → 0.01; set them back"):
+    sft.run(_config(assets, steps=2, learning_rate=1e-2, logprob_chunk_size=128), str(tmp_path))
+  with pytest.raises(sft.ConfigError, match=r"^config.steps=1: fewer than the 2 steps the checkpoint in "):
+    sft.run(_config(assets, steps=1), str(tmp_path))
+  with pytest.raises(sft.ConfigError, match=r": steps 2 → 3 \(an SFT run's learning-rate schedule"):
+    sft.run(_config(assets, steps=3), str(tmp_path))
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [1, 2]

@@ -271,3 +271,81 @@ def test_non_finite_updates_are_skipped_then_the_run_stops(assets, tmp_path):
   _, initial = hf_checkpoint.load_hf(assets["teacher"])
   restored = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "1" / "state")
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored["params"], initial)
+
+
+@pytest.mark.parametrize("cause", ["other_columns", "missing_fields", "too_long"])
+def test_data_without_a_usable_row_stops_the_run_at_once(assets, tmp_path, cause):
+  """Other column names, rows missing their fields, every prompt over max_prompt_len: the run stops before any
+  weights load, naming the data, the skips per reason and the first offending row (it used to loop forever)."""
+  import re
+
+  from test_data import unusable_data
+  path, first = unusable_data(tmp_path, cause)
+  reason, limit = ("too_long", 32) if cause == "too_long" else ("missing_field", 544)
+  t0 = time.perf_counter()
+  with pytest.raises(run_config.ConfigError, match=re.escape(
+      f"config.data.path: no usable row in {path}: all 6 rows skipped ({reason} 6); first skipped: {first} ({reason}")):
+    train.run(small_config(assets, max_prompt_len=limit, **{"data.path": str(path)}), str(tmp_path / "run"))
+  assert time.perf_counter() - t0 < 30 and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_the_tiny_config_keeps_the_sample_and_says_so_before_the_weights_load(assets, tmp_path, monkeypatch, caplog):
+  """configs/tiny.py's max_prompt_len holds the bundled sample's longest prompt (in the tiny tokenizer); the run's
+  first data line says so, before the mesh and weights; its max_student_len passes loading's check."""
+  monkeypatch.setattr(loading, "make_mesh", lambda cfg: (_ for _ in ()).throw(RuntimeError("stopped before the mesh")))
+  with caplog.at_level("INFO", logger="rlt_jax"), pytest.raises(RuntimeError, match="stopped before the mesh"):
+    train.run(small_config(assets), str(tmp_path))
+  (line,) = [m for m in caplog.messages if m.startswith("data: ")]
+  assert line.startswith(f"data: 300 rows in {data.SAMPLE_PATH}: 300 used, none skipped; the longest prompt has 542 "
+                         "tokens (config.max_prompt_len=544)"), line
+  from rlt_jax import hf_checkpoint
+  cfg = tiny_module_config()
+  loading._check_student_len(cfg, loading.make_format(cfg, hf_checkpoint.load_tokenizer(assets["tokenizer"])))
+
+
+def test_resume_checks_config_and_steps_then_passes_a_damaged_step_and_stops_at_a_full_disk(assets, tmp_path, caplog,
+                                                                                          monkeypatch):
+  """The run config is saved with each checkpoint (JSON); a resume with a field that changes the computation, or with
+  fewer steps than done, stops before any step, naming it; a damaged latest step is set aside and the one before
+  resumed; a full disk at the next write stops the run in one line, the earlier steps intact and readable."""
+  import glob
+  import logging
+  import re
+
+  import orbax.checkpoint as ocp
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+  from rlt_jax import checkpointing
+  train.run(small_config(assets, steps=2, checkpoint_every=1), str(tmp_path))
+  ckpts = tmp_path / "checkpoints"
+  saved = json.loads((ckpts / "2" / "config" / checkpointing.CONFIG_FILE).read_text())
+  assert saved["batch_size"] == 8 and saved["teacher_path"] == assets["teacher"]
+  with pytest.raises(run_config.ConfigError, match=r"^config.steps=1: fewer than the 2 steps the checkpoint in "):
+    train.run(small_config(assets, steps=1), str(tmp_path))
+  with pytest.raises(run_config.ConfigError, match=r"wrote the checkpoint at step 2 in .* what a step computes: "
+                                                   r"batch_size 8 → 16, max_new_tokens 16 → 8; set them back"):
+    train.run(small_config(assets, steps=3, batch_size=16, max_new_tokens=8, sample_micro_batch=2), str(tmp_path))
+  assert [r["step"] for r in metrics_rows(tmp_path)] == [1, 2]  # nothing written by the refused resumes
+
+  for path in glob.glob(str(ckpts / "2" / "state" / "ocdbt.process_0" / "d" / "*")):  # truncated, one file deleted
+    os.truncate(path, os.path.getsize(path) // 2)
+  os.remove(ckpts / "2" / "data" / "metadata")
+  write = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+
+  async def full_disk_at_step_3(self, x, directory):
+    if os.path.basename(os.path.dirname(str(directory))).startswith("3."):
+      raise OSError(28, "No space left on device")
+    return await write(self, x, directory)
+  monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", full_disk_at_step_3)
+  with caplog.at_level(logging.WARNING), pytest.raises(checkpointing.CheckpointError) as e:
+    train.run(small_config(assets, steps=3, checkpoint_every=1), str(tmp_path))
+  assert re.search(rf"checkpoint step 2 in {re.escape(str(ckpts))} cannot be read \(.+\); trying step 1", caplog.text)
+  assert str(e.value) == (f"cannot write the checkpoint of step 3 in {ckpts}: [Errno 28] No space left on device; the "
+                          "run stopped, and the checkpoints before it (steps 1, 2) are intact: free space or make the "
+                          "directory writable, then run the same command again to resume from step 2")
+  assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name != "rlt_jax"]  # no orbax wall
+  assert [r["step"] for r in metrics_rows(tmp_path)] == [1, 2, 3]
+  assert sorted(n for n in os.listdir(ckpts) if n.isdigit()) == ["1", "2"]
+  assert os.listdir(str(ckpts) + checkpointing.UNREADABLE_SUFFIX) == ["2"]
+  for step in (1, 2):  # the steps before the failed write read back (step 2: the one the resumed run wrote)
+    assert int(ocp.StandardCheckpointer().restore(ckpts / str(step) / "state")["step"]) == step
