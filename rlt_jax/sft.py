@@ -182,11 +182,14 @@ def _load(cfg, workdir):
     paths = loading.tiny_model_paths(cfg, workdir)
     model_path, tok_path = paths[cfg.kind], paths["tokenizer"]
   tokenizer = hf_checkpoint.load_tokenizer(tok_path)
+  # The format the model itself recorded, if any (an SFT run that continues from an earlier export).
+  fmt = loading.make_format(cfg, tokenizer, **{f"{cfg.kind}_dir": model_path}, path_field="model_path")
+  # Every row read once, before any weights load: a summary line, or an error naming config.data.path when no row is
+  # usable (at 7B the load takes minutes).
+  loading.survey_data(cfg, fmt, kind=KINDS[cfg.kind], max_len=cfg.max_len, length_field="max_len", truncate=True)
   mesh, rules = loading.make_mesh(cfg)
   preflight.check(cfg, mesh, kind="sft")  # before any weights load
   mc, params = loading.load_model(cfg, model_path, tokenizer, mesh, rules, dtype=cfg.dtype, remat=cfg.remat)
-  # The format the model itself recorded, if any (an SFT run that continues from an earlier export).
-  fmt = loading.make_format(cfg, tokenizer, **{f"{cfg.kind}_dir": model_path}, path_field="model_path")
   return tokenizer, fmt, mesh, rules, mc, params
 
 
@@ -251,8 +254,6 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   validate(cfg)
   os.makedirs(workdir, exist_ok=True)
   tokenizer, fmt, mesh, rules, mc, params = _load(cfg, workdir)
-  # Every row read once first: a summary line, or an error naming config.data.path when no row is usable.
-  loading.survey_data(cfg, fmt, kind=KINDS[cfg.kind], max_len=cfg.max_len, length_field="max_len", truncate=True)
   total = int(cfg.steps) or count_steps(cfg, fmt)
   warmup = int(math.ceil(cfg.warmup_ratio * total))
   opt_cfg = optim.OptimConfig(learning_rate=cfg.learning_rate, lr_schedule=cfg.lr_schedule, warmup_steps=warmup,
