@@ -85,11 +85,13 @@ def read_stratos(row: Mapping) -> dict:
 
 
 def read_custom(row: Mapping) -> dict:
-  """Custom rows: `question` (alias `prompt`), `solution`, optional `reasoning_trace`, `system`, `answer`."""
+  """Custom rows: `question` (alias `prompt`), `solution`, optional `reasoning_trace`, `system`, `answer`.
+
+  `reasoning_trace: ""` (present and empty) is an empty thought: a student trained on solutions only."""
   qkey = "question" if row.get("question") is not None else "prompt" if row.get("prompt") is not None else "question"
-  return dict(question=_text(row, qkey), solution=_text(row, "solution"),
-              reasoning=_text(row, "reasoning_trace", required=False), system=_text(row, "system", required=False),
-              answer=_answer(row))
+  reasoning = "" if row.get("reasoning_trace") == "" else _text(row, "reasoning_trace", required=False)
+  return dict(question=_text(row, qkey), solution=_text(row, "solution"), reasoning=reasoning,
+              system=_text(row, "system", required=False), answer=_answer(row))
 
 
 def _answer(row: Mapping) -> str | None:
