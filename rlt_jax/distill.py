@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlt_jax import cli, data, formats, loading, loop, run_config, sources, train
+from rlt_jax import cli, data, data_survey, formats, loading, loop, run_config, sources, train
 
 ConfigError = run_config.ConfigError
 _log = logging.getLogger("rlt_jax")
@@ -127,18 +127,18 @@ def _append(path: str, rows: list[dict]) -> None:
 
 def read_items(cfg, fmt: formats.RLTFormat) -> tuple[list[dict], list[dict]]:
   """(usable items, skipped records) of `data.path` (its first `distill.limit` rows) in file order, each with its
-  `index` and `where`: read, tokenized and filtered by the RL data pipeline's own code (`data.encode_rows`). Logs
-  the data's summary line; no usable item, or a bad row with `data.strict`, is a ConfigError naming
+  `index` and `where`: read, tokenized and filtered by the RL data pipeline's own code (`data_survey.encode_rows`).
+  Logs the data's summary line; no usable item, or a bad row with `data.strict`, is a ConfigError naming
   config.data.path."""
   t0 = time.perf_counter()
   path = cfg.data.path or str(data.SAMPLE_PATH)
   src = sources.open_source(path, data_dir=cfg.data.tfds_data_dir or None)
   n = len(src) if not cfg.distill.limit else min(len(src), int(cfg.distill.limit))
-  summary = data.DataSummary(path if n == len(src) else f"{path} (config.distill.limit={n})", "prompt",
-                             cfg.max_prompt_len, "max_prompt_len")
+  summary = data_survey.DataSummary(path if n == len(src) else f"{path} (config.distill.limit={n})", "prompt",
+                                    cfg.max_prompt_len, "max_prompt_len")
   items, skipped = [], []
-  for r in data.encode_rows(src, fmt, kind="prompt", max_len=cfg.max_prompt_len, indices=range(n),
-                            reader=cfg.data.reader, length_field="max_prompt_len"):
+  for r in data_survey.encode_rows(src, fmt, kind="prompt", max_len=cfg.max_prompt_len, indices=range(n),
+                                   reader=cfg.data.reader, length_field="max_prompt_len"):
     summary.add(r)
     if r["bad"] is None:
       items.append(dict(r["example"], index=r["index"]))

@@ -22,9 +22,9 @@ same as a markdown table, also printed at the end) and `<benchmark>.jsonl` (one 
 responses, extracted answers, verdicts, pass rate; for multiple choice also `choice_seed` with the `row_index` it
 came from, `answer_letter`, `choices` {letter: option}, `choice_columns` {letter: its release column} and the letters
 `picked`). Rows with no gold answer, unreadable rows and prompts over `max_prompt_len` are skipped, counted per
-reason and logged with their file:line, with one summary line per benchmark (`data.DataSummary`); every benchmark is
-read before the model loads, and one with nothing to grade stops the run with a ConfigError naming it, its file, the
-skips per reason and the first skipped row. Single host.
+reason and logged with their file:line, with one summary line per benchmark (`data_survey.DataSummary`); every
+benchmark is read before the model loads, and one with nothing to grade stops the run with a ConfigError naming it,
+its file, the skips per reason and the first skipped row. Single host.
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from rlt_jax import (choices, cli, data, formats, grading, hf_checkpoint, loading, rows, run_config, sampling, sharding,
-                     sources)
+from rlt_jax import (choices, cli, data, data_survey, formats, grading, hf_checkpoint, loading, rows, run_config,
+                     sampling, sharding, sources)
 
 _log = logging.getLogger("rlt_jax")
 ConfigError = run_config.ConfigError
@@ -145,7 +145,7 @@ def load_problems(path: str, fmt: formats.RLTFormat, *, limit: int, max_prompt_l
 
 def read_problems(path: str, fmt: formats.RLTFormat, *, limit: int, max_prompt_len: int, seed: int = 0,
                   batch_rows: int = 256):
-  """`load_problems`, and the rows read as a `data.DataSummary` (skips under the row readers' reasons, plus
+  """`load_problems`, and the rows read as a `data_survey.DataSummary` (skips under the row readers' reasons, plus
   `no_answer`); the prompts are tokenized `batch_rows` at a time, rows past the limit-th problem are not counted."""
   t0 = time.perf_counter()
   try:
@@ -153,7 +153,7 @@ def read_problems(path: str, fmt: formats.RLTFormat, *, limit: int, max_prompt_l
   except (ValueError, OSError) as e:
     raise ConfigError(f"config.benchmarks: {e}") from None
   problems, skipped, where_skipped = [], dict.fromkeys(_SKIP_REASONS, 0), {r: [] for r in _SKIP_REASONS}
-  summary = data.DataSummary(path, "prompt", max_prompt_len, "max_prompt_len")
+  summary = data_survey.DataSummary(path, "prompt", max_prompt_len, "max_prompt_len")
 
   def skip(i, where, reason, place, cause, detail, fields=None, length=None):
     skipped[reason] += 1

@@ -17,7 +17,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlt_jax import data, formats, grpo, hf_checkpoint, model_format, rewards, rows, run_config, sharding, tiny
+from rlt_jax import (data, data_survey, formats, grpo, hf_checkpoint, model_format, rewards, rows, run_config, sharding,
+                     tiny)
 from rlt_jax.models import qwen2
 from rlt_jax.models.config import ModelConfig
 
@@ -199,13 +200,13 @@ def setup(cfg, workdir: str, *, before_loading=None, training: bool = True) -> R
 
 
 def survey_data(cfg, fmt: formats.RLTFormat, *, kind: str, max_len: int, length_field: str,
-                truncate: bool = False) -> data.DataSummary:
-  """`data.survey` of the config's data (`data.path`, else the bundled sample): its summary line logged; no usable
-  row (or, with `data.strict`, a bad one) is a ConfigError naming config.data.path."""
+                truncate: bool = False) -> data_survey.DataSummary:
+  """`data_survey.survey` of the config's data (`data.path`, else the bundled sample): its summary line logged; no
+  usable row (or, with `data.strict`, a bad one) is a ConfigError naming config.data.path."""
   try:
-    return data.survey([cfg.data.path or str(data.SAMPLE_PATH)], fmt, kind=kind, max_len=max_len,
-                       length_field=length_field, reader=cfg.data.reader, truncate=truncate, strict=cfg.data.strict,
-                       data_dir=cfg.data.tfds_data_dir or None)
+    return data_survey.survey([cfg.data.path or str(data.SAMPLE_PATH)], fmt, kind=kind, max_len=max_len,
+                              length_field=length_field, reader=cfg.data.reader, truncate=truncate,
+                              strict=cfg.data.strict, data_dir=cfg.data.tfds_data_dir or None)
   except (data.NoUsableRowsError, data.BadRowError) as e:
     raise run_config.ConfigError(f"config.data.path: {e}") from None
 

@@ -160,7 +160,7 @@ def test_data_without_a_usable_item_stops_distill_at_once(assets, tmp_path, caus
   (it used to finish with nothing written), naming the data, the skips per reason and the first offending row."""
   import re
 
-  from test_data import unusable_data
+  from test_data_survey import unusable_data
   path, first = unusable_data(tmp_path, cause)
   reason, limit = ("too_long", 32) if cause == "too_long" else ("missing_field", 384)
   with pytest.raises(distill.ConfigError, match=re.escape(

@@ -392,7 +392,7 @@ def test_a_benchmark_with_nothing_to_grade_stops_the_run(assets, tmp_path, cause
   """Other column names, rows missing their fields, every prompt over max_prompt_len: evaluate stops before the
   model loads (it used to exit 0 with an empty result), naming the benchmark, its file, the skips per reason and the
   first offending row; a good benchmark beside it does not hide it."""
-  from test_data import unusable_data
+  from test_data_survey import unusable_data
   path, first = unusable_data(tmp_path, cause)
   reason, limit = ("too_long", 80) if cause == "too_long" else ("missing_field", 384)
   good = tmp_path / "good.jsonl"

@@ -190,7 +190,7 @@ def test_data_without_a_usable_row_stops_sft_at_once(assets, tmp_path, cause):
   and the first offending row."""
   import re
 
-  from test_data import unusable_data
+  from test_data_survey import unusable_data
   path, first = unusable_data(tmp_path, cause)
   reason, max_len = ("no_target", 32) if cause == "too_long" else ("missing_field", 1024)
   with pytest.raises(sft.ConfigError, match=re.escape(

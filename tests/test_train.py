@@ -279,7 +279,7 @@ def test_data_without_a_usable_row_stops_the_run_at_once(assets, tmp_path, cause
   weights load, naming the data, the skips per reason and the first offending row (it used to loop forever)."""
   import re
 
-  from test_data import unusable_data
+  from test_data_survey import unusable_data
   path, first = unusable_data(tmp_path, cause)
   reason, limit = ("too_long", 32) if cause == "too_long" else ("missing_field", 544)
   t0 = time.perf_counter()
