@@ -43,8 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 import replicate_task as task  # noqa: E402
-from replicate_stages import (DECODINGS, FULL, QUICK, REWARDS, Budget, Stages, distill_config, eval_config,  # noqa: E402
-                              rl_config, sft_config)
+from replicate_stages import (DECODINGS, FULL, QUICK, REWARDS, Budget, Stages,  # noqa: E402
+                              distill_config, eval_config, rl_config, sft_config)
 
 ARMS = ("rl", "rl_no_kl", "rl_no_minmax", "pre_rl", "solutions_only")
 ARM_TEXT = {"rl": "RLT teacher (paper's reward)", "rl_no_kl": "ablation: RLT teacher, λ = 0 (no r_KL)",
@@ -288,8 +288,8 @@ def parse_args(argv=None):
   p.add_argument("--model", default="", help="a Hugging Face model directory every model starts from")
   p.add_argument("--data", default="", help="training rows for --model (GSM8K, MATH, Stratos or custom)")
   p.add_argument("--heldout", default="", help="graded problems for --model (default: every fifth --data row)")
-  for f in ("train_problems", "heldout_problems", "warmup_steps", "rl_steps", "student_steps", "max_len", "max_prompt_len",
-            "max_new_tokens", "eval_new_tokens", "rl_batch", "group_size", "sft_batch"):
+  for f in ("train_problems", "heldout_problems", "warmup_steps", "rl_steps", "student_steps", "max_len",
+            "max_prompt_len", "max_new_tokens", "eval_new_tokens", "rl_batch", "group_size", "sft_batch"):
     p.add_argument("--" + f.replace("_", "-"), type=int, default=None)
   for f in ("warmup_lr", "rl_lr", "student_lr"):
     p.add_argument("--" + f.replace("_", "-"), type=float, default=None)
@@ -305,19 +305,44 @@ def parse_args(argv=None):
 def budget_of(args) -> Budget:
   b = QUICK if args.quick else FULL
   if args.model:  # real checkpoints: room for real explanations (sizes for a GPU; flags override)
-    b = dataclasses.replace(b, max_len=1024, max_prompt_len=512, max_new_tokens=512, eval_new_tokens=512, warmup_steps=100,
-                            warmup_lr=1e-5, rl_lr=1e-6, student_lr=1e-5, student_steps=200)
+    b = dataclasses.replace(b, max_len=1024, max_prompt_len=512, max_new_tokens=512, eval_new_tokens=512,
+                            warmup_steps=100, warmup_lr=1e-5, rl_lr=1e-6, student_lr=1e-5, student_steps=200)
   changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(Budget)
              if f.name != "seeds" and getattr(args, f.name, None) is not None}
   if args.seeds:
-    changes["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    try:
+      changes["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+      raise SystemExit(f"replicate: --seeds={args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
   return dataclasses.replace(b, **changes)
+
+
+def check_workdir_budget(root: str, b: Budget, args) -> None:
+  """A workdir keeps the budget and inputs its stages ran with (<root>/budget.json); going on with other ones would mix
+  results of two experiments in one table, so it stops, naming each field old → new. Seeds may be added."""
+  now = dict(dataclasses.asdict(b), model=args.model, data=args.data, heldout=args.heldout)
+  now.pop("seeds")
+  now = json.loads(json.dumps(now))  # tuples as lists, as read back
+  path = os.path.join(root, "budget.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      before = json.load(f)
+    changed = [f"{k}: {before.get(k)!r} → {now.get(k)!r}" for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k)]
+    if changed:
+      raise SystemExit(f"replicate: {root} holds a run with another budget ({'; '.join(changed)}); use a new "
+                       "--workdir, or the same flags")
+  os.makedirs(root, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(now, f, indent=1)
+  os.replace(path + ".tmp", path)
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
   b = budget_of(args)
   root = os.path.abspath(args.workdir)
+  check_workdir_budget(root, b, args)
   stages = Stages(root)
   if args.model:
     inputs = stages.run("inputs", lambda: real_inputs(args, b, root))

@@ -95,6 +95,17 @@ def test_real_inputs_split(tmp_path):
     replicate.parse_args(["--model", ROOT])  # --model without --data
 
 
+def test_a_workdir_keeps_its_budget(tmp_path):
+  args = replicate.parse_args(["--quick", "--workdir", str(tmp_path)])
+  b = replicate.budget_of(args)
+  replicate.check_workdir_budget(str(tmp_path), b, args)
+  replicate.check_workdir_budget(str(tmp_path), replicate.dataclasses.replace(b, seeds=(0, 1, 2)), args)  # more seeds
+  with pytest.raises(SystemExit, match=r"another budget \(rl_steps: 2 → 3; student_steps: 4 → 5\)"):
+    replicate.check_workdir_budget(str(tmp_path), replicate.dataclasses.replace(b, rl_steps=3, student_steps=5), args)
+  with pytest.raises(SystemExit, match="--seeds='0,x': expected comma-separated integers"):
+    replicate.budget_of(replicate.parse_args(["--seeds", "0,x"]))
+
+
 def test_quick_run_end_to_end(tmp_path):
   wd = tmp_path / "rep"
   cmd = [sys.executable, os.path.join(ROOT, "bench", "replicate.py"), "--quick", "--workdir", str(wd)]
