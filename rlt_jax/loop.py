@@ -7,9 +7,14 @@ come back a step late, in one transfer. The loop runs under `jax.transfer_guard(
 transfer on the step path is an explicit `device_put` / `device_get` (checkpoint writes are allowed their own).
 Before a checkpoint every pending step is reported, so `metrics.jsonl` never ends before the checkpoint a resume
 starts from. A checkpoint write that fails stops the run with the Checkpointer's one-line error.
+
+`Profile` (`config.profile_steps="START,END"`) records a `jax.profiler` trace of steps START..END on process 0: it
+starts before step START is queued and stops once step END has been read back, so the trace holds those steps'
+device work whole (TensorBoard's profile tab or XProf read `<workdir>/profile`).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Protocol
@@ -33,6 +38,32 @@ class Trainer(Protocol):
     """The data-iterator state that goes with `state` in a checkpoint (before any batch read ahead)."""
 
 
+@dataclasses.dataclass
+class Profile:
+  """A `jax.profiler` trace of steps window[0]..window[1] (counted from 1) into `directory`, on process 0."""
+  window: tuple[int, int] | None = None
+  directory: str = ""
+  tracing: bool = False
+
+  def before(self, step: int, start: int) -> None:
+    """Called before 0-based `step` is queued; a run resumed inside the window traces from its first step."""
+    if self.window is None or jax.process_index() != 0 or self.tracing:
+      return
+    first, last = self.window
+    if step + 1 == max(first, start + 1) and step + 1 <= last:
+      jax.profiler.start_trace(self.directory)
+      self.tracing = True
+
+  def ends_at(self, step: int) -> bool:
+    return self.window is not None and step + 1 == self.window[1]
+
+  def stop(self) -> None:
+    if self.tracing:
+      self.tracing = False
+      jax.profiler.stop_trace()
+      logging.getLogger("rlt_jax").info("profile of steps %d-%d written under %s", *self.window, self.directory)
+
+
 def progress(total: int, initial: int, desc: str = "rlt", unit: str = "step"):
   from tqdm import tqdm
   return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=jax.process_index() != 0,
@@ -40,10 +71,11 @@ def progress(total: int, initial: int, desc: str = "rlt", unit: str = "step"):
 
 
 def run(trainer: Trainer, *, start: int, total: int, checkpoint_every: int, ckpt, writer, bar, on_step=None,
-        postfix=None) -> dict:
+        postfix=None, profile: Profile | None = None) -> dict:
   """Steps `start` … `total`−1; returns the last step's metrics. `ckpt.save(step, state, data_state)` every
   `checkpoint_every` steps and at the end; `writer.write(step, metrics, rows=...)`, `on_step(step, metrics)` and
-  the progress bar (with `postfix(metrics)`) per step, in order."""
+  the progress bar (with `postfix(metrics)`) per step, in order; `profile` traces its window of steps."""
+  profile = profile or Profile()
   last: dict = {}
   pending = None
   clock = [time.perf_counter()]
@@ -64,18 +96,25 @@ def run(trainer: Trainer, *, start: int, total: int, checkpoint_every: int, ckpt
   try:
     with jax.transfer_guard("disallow"):
       for step in range(start, total):
+        profile.before(step, start)
         out = trainer.dispatch(step)
         if pending is not None:
           finish(*pending)
         pending = (step, out)
-        if (step + 1) % checkpoint_every == 0 or step + 1 == total:
-          finish(*pending)
+        save = (step + 1) % checkpoint_every == 0 or step + 1 == total
+        if save or profile.ends_at(step):
+          finish(*pending)  # read back now: the checkpoint, or the end of the trace, holds this step whole
           pending = None
-          with jax.transfer_guard("allow"):  # orbax reads the state back itself
-            ckpt.save(step + 1, trainer.state, trainer.data_state())
+          if profile.ends_at(step):
+            profile.stop()
+          if save:
+            with jax.transfer_guard("allow"):  # orbax reads the state back itself
+              ckpt.save(step + 1, trainer.state, trainer.data_state())
   except BaseException:  # an exception (or Ctrl-C) still finishes the checkpoint in flight, and stays the error
+    profile.stop()
     _close(ckpt, bar, writer, failing=True)
     raise
+  profile.stop()  # a window past the last step ends with the run
   _close(ckpt, bar, writer, failing=False)
   return last
 

@@ -67,6 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.preflight = True         # plan the run's memory for the real mesh and devices before loading (rlt_jax.preflight)
   c.chip = ""                # "" = detect from the devices; a rlt_jax.plan chip name (h100, tpu-v5p, ...) declares it
   c.allow_config_change = False  # resume although fields outside RESUME_SAFE_FIELDS differ from the checkpoint's
+  c.profile_steps = ""       # "START,END": a jax.profiler trace of steps START..END (from 1) in <workdir>/profile
   return c
 
 
@@ -153,11 +154,28 @@ def check_common(cfg, need, *, lr_field: str | None, learning_rate: float = 0.0)
          "a Hugging Face save_to_disk folder, or tfds:NAME:SPLIT)")
 
 
+def profile_window(cfg) -> tuple[int, int] | None:
+  """(START, END) of `config.profile_steps` ("START,END", steps counted from 1, both traced), or None when it is
+  empty; anything else is a ConfigError naming the field."""
+  text = str(cfg.get("profile_steps", "") or "").strip()
+  if not text:
+    return None
+  try:
+    first, last = (int(p) for p in text.split(","))
+  except ValueError:
+    raise ConfigError(f"config.profile_steps={text!r}: expected 'START,END' (steps counted from 1), e.g. '3,5'") \
+        from None
+  if not 1 <= first <= last:
+    raise ConfigError(f"config.profile_steps={text!r}: needs 1 <= START <= END")
+  return first, last
+
+
 def validate(cfg, *, training: bool = True) -> tuple[grpo.GRPOConfig, rewards.RewardConfig]:
   """Checks the config before any work; every error names the field. `training=False` (distillation: the teacher
   only samples) skips the check that the learning rate survives the params' dtype."""
   c = Checker(cfg)
   need = c.need
+  profile_window(cfg)
   need(cfg.group_size >= 1, "group_size", "must be >= 1")
   need(cfg.batch_size >= 1 and cfg.batch_size % cfg.group_size == 0, "batch_size",
        f"must be a positive multiple of config.group_size={cfg.group_size}")
@@ -214,7 +232,7 @@ def validate(cfg, *, training: bool = True) -> tuple[grpo.GRPOConfig, rewards.Re
 # listed here. A name covers its sub-fields ("decode" is decode.*).
 RESUME_SAFE_FIELDS = (
     # How long the run goes, where and how often it writes, when it gives up: not what a step computes.
-    "steps", "workdir", "resume", "allow_config_change", "checkpoint_every", "keep_checkpoints",
+    "steps", "workdir", "resume", "allow_config_change", "checkpoint_every", "keep_checkpoints", "profile_steps",
     "log_completions_fraction", "tensorboard", "export_dir", "export_dtype", "max_bad_steps", "preflight", "chip",
     # Layout and memory: the same math on other hardware (resuming on another mesh or device count is supported).
     "mesh", "num_devices", "sharding_rules", "rollout_tensor", "rollout_rules", "sample_micro_batch",

@@ -72,6 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.export_dtype = ""        # dtype of the exported tensors ("" = param_dtype)
   c.preflight = True         # plan the step's memory for the real mesh and devices before loading (rlt_jax.preflight)
   c.chip = ""                # "" = detect from the devices; a rlt_jax.plan chip name declares it
+  c.profile_steps = ""       # "START,END": a jax.profiler trace of steps START..END (from 1) in <workdir>/profile
   c.allow_config_change = False  # resume although fields outside run_config.RESUME_SAFE_FIELDS differ from the
                                  # checkpoint's (steps too, unless the schedule is constant: resume_safe_fields)
   return c
@@ -112,6 +113,7 @@ def _sft_step(sc: SFTStepConfig, optimizer, schedule, state, batch):
 
 def validate(cfg) -> None:
   need = run_config.Checker(cfg).need
+  run_config.profile_window(cfg)
   need(cfg.kind in KINDS, "kind", f"must be one of {sorted(KINDS)}")
   for f in ("max_len", "batch_size", "micro_batches", "logprob_chunk_size", "checkpoint_every", "keep_checkpoints"):
     need(int(cfg[f]) >= 1, f, "must be >= 1")
@@ -286,7 +288,8 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   trainer = SFTTrainer(cfg, fmt, state, it, stats, step_fn, batch_sharding, mesh, rules)
   last = loop.run(trainer, start=start, total=total, checkpoint_every=cfg.checkpoint_every, ckpt=ckpt, writer=writer,
                   bar=loop.progress(total, start, desc=f"sft/{cfg.kind}"), on_step=on_step,
-                  postfix=lambda m: dict(loss=f"{m['loss']:.4f}"))
+                  postfix=lambda m: dict(loss=f"{m['loss']:.4f}"),
+                  profile=loop.Profile(run_config.profile_window(cfg), os.path.join(workdir, "profile")))
   state = trainer.state
   if stats.total_bad:
     logging.getLogger("rlt_jax").warning("sft: rows skipped: %s", dict(stats.total_bad))

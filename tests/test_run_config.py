@@ -30,3 +30,16 @@ def test_validate_names_the_fields_a_step_cannot_honour():
   cfg.grpo.num_iterations, cfg.reward.teacher_temperature = 1, 1.0
   with pytest.raises(run_config.ConfigError, match=r"^config\.reward\.teacher_temperature=1\.0: must equal"):
     run_config.validate(cfg)
+
+
+def test_profile_steps_window():
+  cfg = run_config.default_config()
+  cfg.tiny_models = True
+  assert run_config.profile_window(cfg) is None  # "" = no trace
+  for text, window in (("3,5", (3, 5)), (" 2, 2 ", (2, 2))):
+    cfg.profile_steps = text
+    assert run_config.profile_window(cfg) == window
+  cfg.profile_steps = "5-7"
+  with pytest.raises(run_config.ConfigError, match=r"^config\.profile_steps='5-7': expected 'START,END'"):
+    run_config.validate(cfg)  # the RL run checks it before any work
+  assert "profile_steps" in run_config.RESUME_SAFE_FIELDS  # tracing a resumed run's steps changes nothing it computes

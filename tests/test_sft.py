@@ -1,13 +1,14 @@
 """SFT: packing (data invariants, resumable packer, packed loss/gradients = unpacked), truncation and skipped rows,
 the step count, and a run that crashes, resumes and ends where an uninterrupted run ends."""
 import json
+import re
 
 import jax
 import numpy as np
 import pytest
 
 from conftest import REPO, set_fields
-from rlt_jax import data, formats, hf_checkpoint, rows, sft
+from rlt_jax import data, formats, hf_checkpoint, rows, run_config, sft
 from rlt_jax.models import qwen2
 
 
@@ -220,3 +221,19 @@ def test_resume_stops_on_a_changed_field_or_fewer_steps(assets, tmp_path):
     sft.run(_config(assets, steps=3), str(tmp_path))
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_profile_steps_write_a_trace_of_those_steps(assets, tmp_path):
+  """`profile_steps="2,3"`: a jax.profiler trace (xplane.pb, readable by TensorBoard / XProf) under <workdir>/profile,
+  and the run's steps and losses unchanged by it; a bad window names the field before any work."""
+  plain, traced = [], []
+  sft.run(_config(assets, steps=4), str(tmp_path / "plain"), on_step=lambda s, m: plain.append(m["loss"]))
+  sft.run(_config(assets, steps=4, profile_steps="2,3"), str(tmp_path / "traced"),
+          on_step=lambda s, m: traced.append(m["loss"]))
+  assert traced == plain
+  traces = list((tmp_path / "traced" / "profile").rglob("*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
+  assert not (tmp_path / "plain" / "profile").exists()
+  for bad, msg in (("3", "expected 'START,END'"), ("4,2", "needs 1 <= START <= END"), ("0,1", "needs 1 <= START")):
+    with pytest.raises(run_config.ConfigError, match=rf"config\.profile_steps='{bad}': {re.escape(msg)}"):
+      sft.run(_config(assets, profile_steps=bad), str(tmp_path / "bad"))
