@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import sys
@@ -58,7 +57,7 @@ def build_task(b: Budget, root: str) -> dict:
   import jax
 
   from rlt_jax import formats, hf_checkpoint, tiny
-  from rlt_jax.models import init_params
+  from rlt_jax.models import init_params, num_params
   d = os.path.join(root, "task")
   os.makedirs(d, exist_ok=True)
   train = task.problems(b.train_problems, held_out=False, num_digits=b.num_digits, seed=0)
@@ -77,11 +76,11 @@ def build_task(b: Budget, root: str) -> dict:
   fmt = formats.RLTFormat(tok, **task.FORMAT)
   config = tiny.tiny_config(len(tok), eos_token_id=fmt.eos_id, **task.MODEL_SHAPE)
   base = os.path.join(d, "base")
-  hf_checkpoint.save_hf(config, init_params(config, jax.random.key(1000)), base, tokenizer=tok)
+  params = init_params(config, jax.random.key(1000))
+  hf_checkpoint.save_hf(config, params, base, tokenizer=tok)
   # student_start None: the distilled students start from the warmed-up reward student (see the module doc).
   return dict(files=files, warmup_base=base, student_start=None, format=task.FORMAT,
-              styles={s: styles.count(s) for s in task.STYLES}, num_params=int(sum(
-                  np.prod(x.shape) for x in jax.tree.leaves(init_params(config, jax.random.key(0))))))
+              styles={s: styles.count(s) for s in task.STYLES}, num_params=num_params(params))
 
 
 def read_canonical(path: str) -> list[dict]:
@@ -230,11 +229,10 @@ def warm_up(b: Budget, inputs: dict, stages: Stages, root: str) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------- report
 def seed_mean(values) -> tuple[float | None, float | None]:
-  """Mean over seeds and its standard error (sample std, ddof=1, over sqrt(n); None with one seed)."""
-  v = [x for x in values if x is not None]
-  if not v:
-    return None, None
-  return float(np.mean(v)), (float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None)
+  """Mean over seeds and its standard error (evaluate.pass_at_1's: std ddof=1 over sqrt(n); None with one seed);
+  seeds without a value are left out."""
+  from rlt_jax import evaluate
+  return evaluate.pass_at_1([x for x in values if x is not None])
 
 
 def report(b: Budget, results: dict, seconds: dict, header: str, *, styles: bool = True) -> str:

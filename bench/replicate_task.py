@@ -68,7 +68,7 @@ def digits_of(question_text: str) -> tuple[int, ...] | None:
   if not question_text.startswith(head):
     return None
   parts = question_text[len(head):].split()
-  return tuple(int(p) for p in parts) if parts and all(p in "0123456789" and p for p in parts) else None
+  return tuple(int(p) for p in parts) if parts and all(len(p) == 1 and p.isdigit() for p in parts) else None
 
 
 def is_held_out(digits) -> bool:

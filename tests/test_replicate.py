@@ -28,6 +28,8 @@ def test_problem_hand_worked():
   assert task.explanation(d, "answer") == "It ends in 6."
   assert [task.style_of(task.explanation(d, s)) for s in task.STYLES] == list(task.STYLES)
   assert task.style_of("6 2 2 6") == "other"
+  assert task.digits_of(task.question(d)) == d
+  assert task.digits_of("Sum mod 10: 6 12") is None and task.digits_of("What is 6 + 6?") is None
   assert task.steps_correct(d, "Running 6 2 2 6.") and not task.steps_correct(d, "Running 6 2 2 7.")
   with pytest.raises(ValueError, match="unknown style"):
     task.explanation(d, "poem")
