@@ -28,7 +28,10 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # torch is the oracle for the model tests and the peer in bench/; 2.13.0 is the CPU wheel.
-    "test": ["pytest==8.4.2", "torch==2.13.0", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
+    "test": ["pytest==8.4.2", "torch==2.13.0", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
+             "wandb==0.31.0"],
+    # W&B logging (config.wandb.project); tested in wandb's offline mode.
+    "wandb": ["wandb==0.31.0"],
 }
 
 setup(

@@ -54,4 +54,5 @@ def get_config():
   c.mesh.fsdp = -1
   c.mesh.tensor = 1
   c.checkpoint_every = 25
+  c.checkpoint_every_minutes = 30  # at 7B a step is minutes: bounds what a kill without warning (no SIGTERM) loses
   return c

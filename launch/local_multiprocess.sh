@@ -12,7 +12,9 @@
 #
 # Exit status: 0 when every process succeeds, else that of the first process to fail. A process that dies leaves the
 # others waiting for it forever inside a collective, so the first failure stops the rest; so do Ctrl-C and the end of
-# this script. It only ever signals the processes it started, by their PIDs.
+# this script. SIGTERM or SIGUSR1 to this script is passed on to every process: they finish the step, checkpoint and
+# exit with status 75 (rlt_jax.preemption.STOPPED_STATUS), which is not a failure (the others are stopping too) and is
+# this script's status then. It only ever signals the processes it started, by their PIDs.
 set -euo pipefail
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
@@ -52,14 +54,22 @@ xla_flags="$(sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g' <<< "${
 xla_flags="${xla_flags} --xla_force_host_platform_device_count=$devices"
 
 pids=()
-stop_children() {
+stop_children() {  # SIGKILL: beside a dead process the others wait inside a collective and never reach a handler
   local pid
   for pid in "${pids[@]}"; do
-    kill -TERM "$pid" 2>/dev/null || true
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+}
+forward() {  # a signal for the run: every process checkpoints and stops (status 75); keep waiting for them
+  local pid
+  for pid in "${pids[@]}"; do
+    kill "-$1" "$pid" 2>/dev/null || true
   done
 }
 trap stop_children EXIT
-trap 'stop_children; exit 130' INT TERM
+trap 'stop_children; exit 130' INT
+trap 'forward TERM' TERM
+trap 'forward USR1' USR1
 
 for (( i = 0; i < processes; i++ )); do
   run_env=(RLT_COORDINATOR="localhost:$port" RLT_NUM_PROCESSES="$processes" RLT_PROCESS_ID="$i" JAX_PLATFORMS=cpu
@@ -75,11 +85,17 @@ echo "local_multiprocess.sh: $processes processes x $devices devices, coordinato
      "processes 1.. in $log_dir" >&2
 
 status=0
+stopped=0
 live=("${pids[@]}")
 while (( ${#live[@]} > 0 )); do
   finished=""
   code=0
   wait -n -p finished "${live[@]}" || code=$?
+  [[ -n "$finished" ]] || continue  # a trapped signal interrupted the wait: no process ended
+  if (( code == 75 )); then  # stopped on a signal after its checkpoint: the others stop at the same step
+    stopped=1
+    code=0
+  fi
   rest=()
   for pid in "${live[@]}"; do
     [[ "$pid" == "$finished" ]] || rest+=("$pid")
@@ -95,4 +111,5 @@ while (( ${#live[@]} > 0 )); do
     stop_children
   fi
 done
+(( status == 0 && stopped )) && status=75
 exit "$status"

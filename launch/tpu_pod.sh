@@ -12,7 +12,15 @@
 #   --module M        entry point (default rlt_jax.train; also rlt_jax.sft, rlt_jax.evaluate ...)
 #   --remote_dir D    where the code goes on each worker (default ~/rlt_jax)
 #   --no_install      reuse the code and virtual environment already on the workers
+#   --restarts N      rerun the entry point up to N times on the workers when it stops with status 75 (default 0)
 #   --dry_run         print the gcloud commands instead of running them
+#
+# Preemption: SIGTERM (a maintenance event or a VM shutdown) or SIGUSR1 to the processes makes them finish the step in
+# flight, write a checkpoint and exit with status 75 (rlt_jax.preemption.STOPPED_STATUS); with --restarts N each
+# worker starts the same command again at once and the run resumes from that checkpoint. When the slice itself went
+# away (a spot/preemptible slice deleted), run this script again with the same arguments once it is back (add
+# --no_install when the workers kept the code): the run resumes from its last checkpoint in the workdir. Set
+# --config.checkpoint_every_minutes to bound what a kill without warning loses.
 #
 # Steps: (1) pack this checkout (tracked and untracked-but-not-ignored files, so local edits travel too) and copy it
 # to every worker; (2) on every worker, unpack it into a fresh D/code and install it, with the TPU build of the pinned
@@ -32,6 +40,7 @@ project=""
 module="rlt_jax.train"
 remote_dir='~/rlt_jax'
 install=1
+restarts=0
 dry_run=0
 positional=()
 while (( $# > 0 )); do
@@ -40,6 +49,7 @@ while (( $# > 0 )); do
     --module) module="$2"; shift 2 ;;
     --remote_dir) remote_dir="$2"; shift 2 ;;
     --no_install) install=0; shift ;;
+    --restarts) restarts="$2"; shift 2 ;;
     --dry_run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
@@ -49,6 +59,9 @@ while (( $# > 0 )); do
 done
 if (( ${#positional[@]} != 2 )); then
   echo "tpu_pod.sh: expected TPU_NAME and ZONE before --, got: ${positional[*]:-nothing}" >&2; usage >&2; exit 2
+fi
+if ! [[ "$restarts" =~ ^[0-9]+$ ]]; then
+  echo "tpu_pod.sh: --restarts takes a count (0, 1, ...), got '$restarts'" >&2; exit 2
 fi
 tpu="${positional[0]}"
 zone="${positional[1]}"
@@ -85,5 +98,9 @@ if (( install )); then
 fi
 
 quoted="$(printf '%q ' "${args[@]+"${args[@]}"}")"
-command="cd $code && $venv/bin/python -m $(printf '%q' "$module") --distributed=auto $quoted"
+entry="$venv/bin/python -m $(printf '%q' "$module") --distributed=auto $quoted"
+# Status 75: stopped on a signal after a checkpoint; each worker reruns (the others stopped at the same step).
+command="cd $code && for attempt in \$(seq 0 $restarts); do $entry && exit 0; status=\$?;"
+command+=" [ \$status -eq 75 ] && [ \$attempt -lt $restarts ] || exit \$status;"
+command+=" echo \"tpu_pod.sh: stopped with status 75; restart \$((attempt + 1)) of $restarts\" >&2; done"
 run "${gcloud_tpu[@]}" ssh "$tpu" "${where[@]}" --command "$command"

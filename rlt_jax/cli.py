@@ -3,7 +3,8 @@ summary of an RL run. Faults a user can cause (a flag, a path, the environment) 
 culprit and exit status 1, the traceback only with `--verbose` or RLT_JAX_VERBOSE=1: `flag_error` (an unknown
 `--config.<field>` with the nearest valid names, a bad value, a config file that does not load), `check_workdir`,
 ConfigError / DistributedError, `os_error_message` (a full disk, a read-only file system, a missing permission while
-the run writes). Any other exception is a bug and keeps its traceback."""
+the run writes). A run stopped by SIGTERM / SIGUSR1 after its checkpoint exits with `preemption.STOPPED_STATUS` (75).
+Any other exception is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import difflib
@@ -18,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlt_jax import data, distributed, run_config
+from rlt_jax import data, distributed, preemption, run_config
 
 
 def print_summary(workdir: str, start: int, steps: int) -> None:
@@ -326,6 +327,9 @@ def cli(run) -> None:
       # Before anything touches JAX devices; a no-op for one process.
       distributed.initialize(**{k: v.value for k, v in dist.items()})
       run(cfg, wd)
+    except preemption.Stopped as e:  # a signal: checkpointed; the launcher (or the user) runs the same command again
+      print(f"rlt_jax: {e} (exit status {preemption.STOPPED_STATUS})", file=sys.stderr)
+      sys.exit(preemption.STOPPED_STATUS)
     except (run_config.ConfigError, distributed.DistributedError, data.BadRowError, data.NoUsableRowsError) as e:
       fail(f"error: {e}")  # (the data's: strict mode's bad row, an epoch of the stream with no usable row)
     except Exception as e:  # noqa: BLE001 -- only the environment's errors are shortened; a bug is re-raised

@@ -11,6 +11,10 @@ starts from. A checkpoint write that fails stops the run with the Checkpointer's
 `Profile` (`config.profile_steps="START,END"`) records a `jax.profiler` trace of steps START..END on process 0: it
 starts before step START is queued and stops once step END has been read back, so the trace holds those steps'
 device work whole (TensorBoard's profile tab or XProf read `<workdir>/profile`).
+
+`preemption.Watch` (`config.checkpoint_every_minutes`, SIGTERM / SIGUSR1) adds checkpoints: after a step is queued
+every process agrees whether one is due; on a signal the step in flight finishes, its checkpoint is written and the
+run raises `preemption.Stopped` (the command line exits with `preemption.STOPPED_STATUS`).
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import time
 from typing import Any, Protocol
 
 import jax
+
+from rlt_jax import preemption
 
 
 class Trainer(Protocol):
@@ -71,11 +77,14 @@ def progress(total: int, initial: int, desc: str = "rlt", unit: str = "step"):
 
 
 def run(trainer: Trainer, *, start: int, total: int, checkpoint_every: int, ckpt, writer, bar, on_step=None,
-        postfix=None, profile: Profile | None = None) -> dict:
+        postfix=None, profile: Profile | None = None, watch: preemption.Watch | None = None) -> dict:
   """Steps `start` … `total`−1; returns the last step's metrics. `ckpt.save(step, state, data_state)` every
-  `checkpoint_every` steps and at the end; `writer.write(step, metrics, rows=...)`, `on_step(step, metrics)` and
-  the progress bar (with `postfix(metrics)`) per step, in order; `profile` traces its window of steps."""
+  `checkpoint_every` steps, at the end, and when `watch` says (its checkpoint_every_minutes passed, or a signal: then
+  preemption.Stopped is raised once the checkpoint is written); `writer.write(step, metrics, rows=...)`,
+  `on_step(step, metrics)` and the progress bar (with `postfix(metrics)`) per step, in order; `profile` traces its
+  window of steps."""
   profile = profile or Profile()
+  watch = watch or preemption.Watch()
   last: dict = {}
   pending = None
   clock = [time.perf_counter()]
@@ -94,14 +103,16 @@ def run(trainer: Trainer, *, start: int, total: int, checkpoint_every: int, ckpt
     trainer.check(step, last)
 
   try:
-    with jax.transfer_guard("disallow"):
+    with watch, jax.transfer_guard("disallow"):
       for step in range(start, total):
         profile.before(step, start)
         out = trainer.dispatch(step)
         if pending is not None:
           finish(*pending)
         pending = (step, out)
-        save = (step + 1) % checkpoint_every == 0 or step + 1 == total
+        verdict = watch.poll(step)  # the same on every process; host only, the queued step runs on
+        save = ((step + 1) % checkpoint_every == 0 or step + 1 == total or verdict.checkpoint_due
+                or verdict.signal_name is not None)
         if save or profile.ends_at(step):
           finish(*pending)  # read back now: the checkpoint, or the end of the trace, holds this step whole
           pending = None
@@ -110,9 +121,14 @@ def run(trainer: Trainer, *, start: int, total: int, checkpoint_every: int, ckpt
           if save:
             with jax.transfer_guard("allow"):  # orbax reads the state back itself
               ckpt.save(step + 1, trainer.state, trainer.data_state())
-  except BaseException:  # an exception (or Ctrl-C) still finishes the checkpoint in flight, and stays the error
+            watch.checkpointed()
+        if verdict.signal_name is not None and step + 1 < total:
+          ckpt.wait()  # written (a failed write raises its CheckpointError instead)
+          watch.barrier("stopped")  # no process exits while another still writes
+          raise preemption.Stopped(step + 1, verdict.signal_name, ckpt.directory)
+  except BaseException as e:  # an exception (or Ctrl-C) still finishes the checkpoint in flight, and stays the error
     profile.stop()
-    _close(ckpt, bar, writer, failing=True)
+    _close(ckpt, bar, writer, failing=not isinstance(e, preemption.Stopped))
     raise
   profile.stop()  # a window past the last step ends with the run
   _close(ckpt, bar, writer, failing=False)

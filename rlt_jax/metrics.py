@@ -1,8 +1,11 @@
-"""Run outputs: one JSON object a line (`metrics.jsonl`, `completions.jsonl`, whose rows `completion_rows` picks)
-and TensorBoard scalars.
+"""Run outputs: one JSON object a line (`metrics.jsonl`, `completions.jsonl`, whose rows `completion_rows` picks),
+TensorBoard scalars, and, when `config.wandb.project` is set, Weights & Biases (the same scalars and the completions
+as a table; wandb is imported only then).
 
 Only process 0 writes. On resume, lines of steps after the restored checkpoint are dropped first, so a killed and
-resumed run leaves the same files as an uninterrupted one.
+resumed run leaves the same files as an uninterrupted one. W&B cannot drop what it has logged: a resumed run goes on
+in the same W&B run (its id is kept in `<workdir>/wandb_run_id`), and W&B keeps the first values of the steps that
+are run again.
 """
 from __future__ import annotations
 
@@ -10,10 +13,14 @@ import json
 import math
 import os
 import time
+import uuid
 
 import jax
 import numpy as np
 
+from rlt_jax import run_config
+
+WANDB_ID_FILE = "wandb_run_id"  # <workdir>/wandb_run_id: the W&B run a resumed run continues
 
 
 def _plain(v):
@@ -51,21 +58,24 @@ def truncate_jsonl(path: str, last_step: int) -> None:
 
 
 class RunWriter:
-  """metrics.jsonl + completions.jsonl + TensorBoard events under `workdir` (process 0 only)."""
+  """metrics.jsonl + completions.jsonl + TensorBoard events under `workdir`, and W&B when `config.wandb.project` is
+  set (process 0 only). `config` is the run's ConfigDict (its `tensorboard` and `wandb` fields; W&B records it)."""
 
-  def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, resume_step: int = 0, config=None):
     self.active = jax.process_index() == 0
     self.metrics_path = os.path.join(workdir, "metrics.jsonl")
     self.completions_path = os.path.join(workdir, "completions.jsonl")
-    self._tb = None
+    self._tb = self._wandb = None
     if not self.active:
       return
     os.makedirs(workdir, exist_ok=True)
     for p in (self.metrics_path, self.completions_path):
       truncate_jsonl(p, resume_step)
-    if tensorboard:
+    if config is not None and config.get("tensorboard", False):
       from tensorboard.summary.writer.event_file_writer import EventFileWriter
       self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+    if config is not None and config.get("wandb") and config.wandb.project:
+      self._wandb = _start_wandb(workdir, config)
 
   def write(self, step: int, scalars: dict, **extra) -> None:
     if not self.active:
@@ -80,17 +90,47 @@ class RunWriter:
       self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
                                          summary=summary_pb2.Summary(value=values)))
       self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log({k: v for k, v in _plain(scalars).items() if isinstance(v, (int, float))}, step=int(step))
 
   def write_completions(self, rows: list[dict]) -> None:
     if not self.active or not rows:
       return
+    rows = [_plain(r) for r in rows]
     with open(self.completions_path, "a") as f:
       for r in rows:
-        f.write(json.dumps(_plain(r)) + "\n")
+        f.write(json.dumps(r) + "\n")
+    if self._wandb is not None:
+      import wandb
+      columns = list(rows[0])
+      self._wandb.log({"completions": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])},
+                      step=int(rows[0]["step"]))
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None
+
+
+def _start_wandb(workdir: str, config):
+  """wandb.init for the run in `workdir`: the id kept in <workdir>/wandb_run_id (made on the first start), so a
+  resumed run continues the same W&B run; W&B's local files go under <workdir>/wandb."""
+  import wandb
+  w = config.wandb
+  id_path = os.path.join(workdir, WANDB_ID_FILE)
+  if os.path.exists(id_path):
+    with open(id_path) as f:
+      run_id = f.read().strip()
+  else:
+    run_id = uuid.uuid4().hex[:12]  # W&B run ids: letters and digits
+    with open(id_path + ".tmp", "w") as f:
+      f.write(run_id + "\n")
+    os.replace(id_path + ".tmp", id_path)
+  return wandb.init(project=w.project, entity=w.entity or None, name=w.name or os.path.basename(os.path.abspath(workdir)),
+                    group=w.group or None, tags=list(w.tags) or None, mode=w.mode or None, id=run_id, resume="allow",
+                    dir=workdir, config=run_config.config_json(config))
 
 
 def completion_rows(step: int, batch: dict, examples: list, lengths, per_row: dict, group_size: int,

@@ -57,10 +57,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.decode = ml_collections.ConfigDict(decode.Schedule()._asdict())  # how decode sheds work (rlt_jax.decode.Schedule)
   c.overlap = False          # sample step k+1 from θ_k while the update θ_k → θ_k+1 runs (one step off-policy)
   c.checkpoint_every = 25
+  c.checkpoint_every_minutes = 0.0  # also checkpoint once this long has passed since the last (0 = off): bounds
+                                   # what a kill without warning loses (SIGTERM/SIGUSR1 checkpoint and stop anyway)
   c.keep_checkpoints = 3
   c.resume = True
   c.log_completions_fraction = 0.1
   c.tensorboard = True
+  c.wandb = wandb_config()   # W&B logging (off unless wandb.project is set)
   c.max_bad_steps = 3
   c.export_dir = "export"    # under workdir: the final teacher in HF format ("" = none)
   c.export_dtype = ""        # dtype of the exported tensors ("" = param_dtype, e.g. the fp32 masters)
@@ -78,6 +81,31 @@ def data_config() -> ml_collections.ConfigDict:
       required=False,    # True (the 7B recipes): an empty path is an error, never a silent run on the sample
       reader="auto", strict=False,
       tfds_data_dir=""))  # where tfds:NAME:SPLIT paths live ("" = TFDS's default)
+
+
+WANDB_MODES = ("", "online", "offline", "disabled")  # "" = wandb's own default (WANDB_MODE, else online)
+
+
+def wandb_config() -> ml_collections.ConfigDict:
+  """The `wandb` fields of RL and SFT runs (metrics.RunWriter logs to W&B): off while `project` is empty."""
+  return ml_collections.ConfigDict(dict(
+      project="",  # W&B project ("" = no W&B logging; wandb is not even imported)
+      entity="",   # team or user ("" = the logged-in default)
+      name="",     # the run's display name ("" = the workdir's name)
+      group="", tags=(),
+      mode=""))    # online | offline | disabled ("" = wandb's default: WANDB_MODE, else online)
+
+
+def check_logging(need, cfg) -> None:
+  """What RL and SFT share about writing: checkpoint_every_minutes, the `wandb` block (a known mode; wandb installed
+  when a project is set)."""
+  need(float(cfg.checkpoint_every_minutes) >= 0, "checkpoint_every_minutes",
+       "must be >= 0 (0 = checkpoints only every config.checkpoint_every steps, at the end and on SIGTERM/SIGUSR1)")
+  need(cfg.wandb.mode in WANDB_MODES, "wandb.mode", f"must be one of {WANDB_MODES[1:]} or '' (wandb's default)")
+  if cfg.wandb.project:
+    import importlib.util
+    need(importlib.util.find_spec("wandb") is not None, "wandb.project",
+         "W&B logging needs the wandb package: pip install -e '.[wandb]'")
 
 
 def format_config() -> ml_collections.ConfigDict:
@@ -176,6 +204,7 @@ def validate(cfg, *, training: bool = True) -> tuple[grpo.GRPOConfig, rewards.Re
   c = Checker(cfg)
   need = c.need
   profile_window(cfg)
+  check_logging(need, cfg)
   need(cfg.group_size >= 1, "group_size", "must be >= 1")
   need(cfg.batch_size >= 1 and cfg.batch_size % cfg.group_size == 0, "batch_size",
        f"must be a positive multiple of config.group_size={cfg.group_size}")
@@ -232,8 +261,9 @@ def validate(cfg, *, training: bool = True) -> tuple[grpo.GRPOConfig, rewards.Re
 # listed here. A name covers its sub-fields ("decode" is decode.*).
 RESUME_SAFE_FIELDS = (
     # How long the run goes, where and how often it writes, when it gives up: not what a step computes.
-    "steps", "workdir", "resume", "allow_config_change", "checkpoint_every", "keep_checkpoints", "profile_steps",
-    "log_completions_fraction", "tensorboard", "export_dir", "export_dtype", "max_bad_steps", "preflight", "chip",
+    "steps", "workdir", "resume", "allow_config_change", "checkpoint_every", "checkpoint_every_minutes",
+    "keep_checkpoints", "profile_steps", "log_completions_fraction", "tensorboard", "wandb", "export_dir",
+    "export_dtype", "max_bad_steps", "preflight", "chip",
     # Layout and memory: the same math on other hardware (resuming on another mesh or device count is supported).
     "mesh", "num_devices", "sharding_rules", "rollout_tensor", "rollout_rules", "sample_micro_batch",
     "reward_micro_batch", "decode", "remat", "logprob_chunk_size",

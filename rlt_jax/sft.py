@@ -24,8 +24,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlt_jax import checkpointing, cli, data, hf_checkpoint, loading, loop, metrics, model_format, optim, preflight, \
-    run_config, sharding
+from rlt_jax import checkpointing, cli, data, hf_checkpoint, loading, loop, metrics, model_format, optim, preemption, \
+    preflight, run_config, sharding
 from rlt_jax.models import logprobs
 from rlt_jax.models.config import ModelConfig
 
@@ -65,9 +65,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.sharding_rules = ()
   c.logprob_chunk_size = 512
   c.checkpoint_every = 500
+  c.checkpoint_every_minutes = 0.0  # also checkpoint once this long has passed since the last (0 = off)
   c.keep_checkpoints = 2
   c.resume = True
   c.tensorboard = True
+  c.wandb = run_config.wandb_config()  # W&B logging (off unless wandb.project is set)
   c.export_dir = "export"    # under workdir: the final model in HF format ("" = none)
   c.export_dtype = ""        # dtype of the exported tensors ("" = param_dtype)
   c.preflight = True         # plan the step's memory for the real mesh and devices before loading (rlt_jax.preflight)
@@ -114,6 +116,7 @@ def _sft_step(sc: SFTStepConfig, optimizer, schedule, state, batch):
 def validate(cfg) -> None:
   need = run_config.Checker(cfg).need
   run_config.profile_window(cfg)
+  run_config.check_logging(need, cfg)
   need(cfg.kind in KINDS, "kind", f"must be one of {sorted(KINDS)}")
   for f in ("max_len", "batch_size", "micro_batches", "logprob_chunk_size", "checkpoint_every", "keep_checkpoints"):
     need(int(cfg[f]) >= 1, f, "must be >= 1")
@@ -284,12 +287,13 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   if data_state is not None:
     it.set_state(data_state)
   start = int(jax.device_get(state["step"]))
-  writer = metrics.RunWriter(workdir, resume_step=start, tensorboard=cfg.tensorboard)
+  writer = metrics.RunWriter(workdir, resume_step=start, config=cfg)
   trainer = SFTTrainer(cfg, fmt, state, it, stats, step_fn, batch_sharding, mesh, rules)
   last = loop.run(trainer, start=start, total=total, checkpoint_every=cfg.checkpoint_every, ckpt=ckpt, writer=writer,
                   bar=loop.progress(total, start, desc=f"sft/{cfg.kind}"), on_step=on_step,
                   postfix=lambda m: dict(loss=f"{m['loss']:.4f}"),
-                  profile=loop.Profile(run_config.profile_window(cfg), os.path.join(workdir, "profile")))
+                  profile=loop.Profile(run_config.profile_window(cfg), os.path.join(workdir, "profile")),
+                  watch=preemption.Watch(cfg.checkpoint_every_minutes))
   state = trainer.state
   if stats.total_bad:
     logging.getLogger("rlt_jax").warning("sft: rows skipped: %s", dict(stats.total_bad))

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlt_jax import checkpointing, cli, data, decode, distributed, hf_checkpoint, loading, loop, metrics, \
-    model_format, optim, precision, preflight, rewards, rl_step, run_config, sampling, sharding
+    model_format, optim, precision, preemption, preflight, rewards, rl_step, run_config, sampling, sharding
 
 
 def decode_schedule(cfg) -> decode.Schedule:
@@ -225,12 +225,13 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   if data_state is not None:
     it.set_state(data_state)
   start = int(jax.device_get(state["step"]))
-  writer = metrics.RunWriter(workdir, resume_step=start, tensorboard=cfg.tensorboard)
+  writer = metrics.RunWriter(workdir, resume_step=start, config=cfg)
   trainer = RLTrainer(rs, state, it, cfg.steps, writer, ckpt)
   last = loop.run(trainer, start=start, total=cfg.steps, checkpoint_every=cfg.checkpoint_every, ckpt=ckpt,
                   writer=writer, bar=loop.progress(cfg.steps, start), on_step=on_step,
                   postfix=lambda m: dict(reward=f"{m['reward_mean']:.3f}", match=f"{m['match_rate']:.2f}"),
-                  profile=loop.Profile(run_config.profile_window(cfg), os.path.join(workdir, "profile")))
+                  profile=loop.Profile(run_config.profile_window(cfg), os.path.join(workdir, "profile")),
+                  watch=preemption.Watch(cfg.checkpoint_every_minutes))
   if cfg.export_dir:  # every process joins the gather; process 0 writes, with the format the teacher trained in
     hf_checkpoint.save_hf(rs.teacher_config, trainer.state["params"], os.path.join(workdir, cfg.export_dir),
                           tokenizer=rs.tokenizer, dtype=cfg.export_dtype or None)

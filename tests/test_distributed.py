@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -165,7 +166,7 @@ def _finish(started, timeout=400):
   try:
     rc = proc.wait(timeout)
   except subprocess.TimeoutExpired:
-    proc.terminate()  # the launcher stops its own two processes
+    proc.send_signal(signal.SIGINT)  # the launcher kills its own two processes (SIGTERM would let them checkpoint)
     proc.wait(30)
     rc = "timeout"
   if rc != 0:
