@@ -55,4 +55,8 @@ def get_config():
   c.mesh.tensor = 1
   c.checkpoint_every = 25
   c.checkpoint_every_minutes = 30  # at 7B a step is minutes: bounds what a kill without warning (no SIGTERM) loses
+  # Held-out reward (eval/*) at step 0 and every 25 steps: 16 prompts of data.path set aside at start (one step's
+  # sampling each time), or --config.eval.path=<file> for prompts of their own.
+  c.eval_every = 25
+  c.eval.num_prompts = 16
   return c

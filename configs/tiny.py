@@ -25,4 +25,8 @@ def get_config():
   c.grpo.ref_sync_steps = 10
   c.logprob_chunk_size = 128
   c.checkpoint_every = 10
+  # Held-out reward (eval/*) at step 0 and every 10 steps, on 32 rows of the sample set aside at start (never
+  # trained on): does the reward rise on prompts the teacher never trained on?
+  c.eval_every = 10
+  c.eval.num_prompts = 32
   return c

@@ -37,6 +37,8 @@ def print_summary(workdir: str, start: int, steps: int) -> None:
         rows.append(row)
       else:  # a damaged line: the summary goes on without it
         logging.getLogger("rlt_jax").warning("%s:%d: not a JSON object; left out of the summary", path, n)
+  evals = [r for r in rows if r.get("eval/reward_mean") is not None]
+  rows = [r for r in rows if "reward_mean" in r]  # training steps (a step-0 line holds only the held-out baseline)
   if not rows:
     return
   first, last = rows[:5], rows[-5:]
@@ -47,7 +49,10 @@ def print_summary(workdir: str, start: int, steps: int) -> None:
         f"  match rate last 5: {mean(last, 'match_rate'):.2f}   completion length last 5: "
         f"{mean(last, 'completion_len_mean'):.1f}\n"
         f"  seconds a step: {times['step']:.2f} (waiting for samples {times['sample']:.2f}, splice {times['splice']:.2f}, "
-        f"the step program {times['program']:.2f})\n"
+        f"the step program {times['program']:.2f})\n" + (
+            f"  held-out reward  step {evals[0]['step']}: {evals[0]['eval/reward_mean']:+.4f}   step "
+            f"{evals[-1]['step']}: {evals[-1]['eval/reward_mean']:+.4f}   (match rate "
+            f"{evals[0]['eval/match_rate']:.2f} → {evals[-1]['eval/match_rate']:.2f})\n" if evals else "") +
         f"  metrics: {path}")
 
 

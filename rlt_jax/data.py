@@ -347,16 +347,23 @@ class _Collate:
       out["positions"] = np.broadcast_to(np.arange(out["input_ids"].shape[1], dtype=np.int32),
                                          out["input_ids"].shape).copy()
       return out
-    ids, mask = pad_left([r["prompt_ids"] for r in rows], self.buckets, self.pad_id)
-    out = {"prompt_ids": ids, "prompt_mask": mask}
-    for k in ("question", "solution", "system", "answer", "where"):
-      out[k] = [r[k] for r in rows]
-    return out
+    return collate_prompts(rows, self.buckets, self.pad_id)
 
 
-def concat_sources(specs: list, data_dir: str | None) -> sources.ConcatSource:
-  """One source over the rows of every spec, in order (`sources.open_source` opens each)."""
-  return sources.ConcatSource([sources.open_source(s, data_dir=data_dir) for s in specs])
+def collate_prompts(rows: Sequence[dict], buckets: Sequence[int], pad_id: int) -> dict:
+  """A "prompt" batch (the module doc) from encoded rows (`RowEncoder` examples)."""
+  ids, mask = pad_left([r["prompt_ids"] for r in rows], buckets, pad_id)
+  out = {"prompt_ids": ids, "prompt_mask": mask}
+  for k in ("question", "solution", "system", "answer", "where"):
+    out[k] = [r[k] for r in rows]
+  return out
+
+
+def concat_sources(specs: list, data_dir: str | None, exclude: Sequence[int] = ()):
+  """One source over the rows of every spec, in order (`sources.open_source` opens each), less the rows at the
+  indices `exclude` (a run's held-out prompts: never in its stream)."""
+  src = sources.ConcatSource([sources.open_source(s, data_dir=data_dir) for s in specs])
+  return sources.Subset(src, exclude) if len(exclude) else src
 
 
 def make_dataset(sources, fmt: formats.RLTFormat, *, kind: str = "prompt", batch_size: int,
@@ -365,11 +372,11 @@ def make_dataset(sources, fmt: formats.RLTFormat, *, kind: str = "prompt", batch
                  reader: str = "auto", strict: bool = False, stats: RowStats | None = None,
                  drop_remainder: bool = True, worker_count: int = 0, truncate: bool = False,
                  pack: bool = False, data_dir: str | None = None,
-                 length_field: str | None = None) -> grain.IterDataset:
+                 length_field: str | None = None, exclude: Sequence[int] = ()) -> grain.IterDataset:
   """A grain IterDataset of fixed-shape batches (see the module doc). `sources`: one or more paths/specs/sources.
   `stats`: a RowStats the iterator counts into (one iterator per RowStats). `data_dir`: where TFDS looks for
   "tfds:NAME:SPLIT" sources (None: TFDS's default). `length_field`: the config field the longest bucket comes from,
-  named in too_long details."""
+  named in too_long details. `exclude`: indices of rows (of all sources, in order) left out of the stream."""
   if kind not in KINDS:
     raise ValueError(f"data: unknown kind {kind!r}; choose one of {KINDS}")
   if (truncate or pack) and kind == "prompt":
@@ -383,7 +390,7 @@ def make_dataset(sources, fmt: formats.RLTFormat, *, kind: str = "prompt", batch
   if not 0 <= process_index < process_count:
     raise ValueError(f"data: process_index {process_index} must be in [0, process_count={process_count})")
   specs = list(sources) if isinstance(sources, (list, tuple)) else [sources]
-  src = concat_sources(specs, data_dir)
+  src = concat_sources(specs, data_dir, exclude)
   if len(src) == 0:
     raise ValueError(f"data: no rows in {specs}")
   ds = grain.MapDataset.source(src)

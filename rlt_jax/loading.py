@@ -17,8 +17,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlt_jax import (data, data_survey, formats, grpo, hf_checkpoint, model_format, rewards, rows, run_config, sharding,
-                     tiny)
+from rlt_jax import (data, data_survey, formats, grpo, heldout, hf_checkpoint, model_format, rewards, rows, run_config,
+                     sharding, tiny)
 from rlt_jax.models import qwen2
 from rlt_jax.models.config import ModelConfig
 
@@ -42,6 +42,7 @@ class RunSetup:
   eos_ids: tuple[int, ...]
   rollout: Rollout = None
   row_prompts: model_format.RowPrompts = None  # warns when a row's `system` differs from the student's record
+  heldout: heldout.HeldOut = None  # the prompts evaluated during RL (config.eval), never in `dataset`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,8 +176,10 @@ def setup(cfg, workdir: str, *, before_loading=None, training: bool = True) -> R
     teacher_path, student_path, tok_path = paths["teacher"], paths["student"], paths["tokenizer"]
   tokenizer = hf_checkpoint.load_tokenizer(tok_path)
   fmt = make_format(cfg, tokenizer, teacher_dir=teacher_path, student_dir=student_path)
+  held = None
   if training:  # every row read once, before any weights load: a summary line, or an error if none is usable
-    survey_data(cfg, fmt, kind="prompt", max_len=cfg.max_prompt_len, length_field="max_prompt_len")
+    summary = survey_data(cfg, fmt, kind="prompt", max_len=cfg.max_prompt_len, length_field="max_prompt_len")
+    held = heldout.select(cfg, fmt, train_used=summary.used) if "eval" in cfg else None
   mesh, rules = make_mesh(cfg)
   if cfg.rollout_tensor:  # a size that cannot fit stops the run before any weights load
     run_config.Checker(cfg).call("rollout_tensor", sharding.rollout_tensor, mesh, 1, 1, int(cfg.rollout_tensor))
@@ -192,11 +195,12 @@ def setup(cfg, workdir: str, *, before_loading=None, training: bool = True) -> R
                               batch_size=cfg.batch_size // cfg.group_size // jax.process_count(),
                               buckets=(cfg.max_prompt_len,), seed=cfg.seed, num_epochs=None,
                               reader=cfg.data.reader, strict=cfg.data.strict, stats=stats,
-                              data_dir=cfg.data.tfds_data_dir or None, length_field="max_prompt_len")
+                              data_dir=cfg.data.tfds_data_dir or None, length_field="max_prompt_len",
+                              exclude=held.exclude if held else ())
   eos_ids = tuple(sorted({i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id)
                           if isinstance(i, int) and i >= 0}))
   return RunSetup(cfg, tokenizer, fmt, mesh, rules, tc, tp, sc, sp, g, r, dataset, eos_ids,
-                  make_rollout(cfg, mesh, tc, tp), model_format.RowPrompts(student_path))
+                  make_rollout(cfg, mesh, tc, tp), model_format.RowPrompts(student_path), held)
 
 
 def survey_data(cfg, fmt: formats.RLTFormat, *, kind: str, max_len: int, length_field: str,

@@ -70,7 +70,8 @@ class RunWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     for p in (self.metrics_path, self.completions_path):
-      truncate_jsonl(p, resume_step)
+      # A fresh start (resume_step 0) keeps nothing: not even a step-0 line (the held-out baseline), written anew.
+      truncate_jsonl(p, resume_step if resume_step > 0 else -1)
     if config is not None and config.get("tensorboard", False):
       from tensorboard.summary.writer.event_file_writer import EventFileWriter
       self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))

@@ -2,8 +2,9 @@
 
   python -m rlt_jax.plot --workdir runs/tiny        # -> runs/tiny/plots/*.png
 
-One file a topic: the reward and its components, the match rate, the KL to the reference, completion lengths,
-throughput and the time split of a step, and the optimizer (loss, grad norm, lr). A metric missing from the file is
+One file a topic: the reward and its components (with the held-out `eval/*` means where the run has them, a point
+every eval_every steps), the match rate, the KL to the reference, completion lengths, throughput and the time split
+of a step, and the optimizer (loss, grad norm, lr). A metric missing from the file is
 left out (a figure with none of its metrics is not written); null values (non-finite numbers) are gaps. A line that
 is not a JSON object with a "step" is skipped and counted, with its line number in the message.
 
@@ -83,6 +84,15 @@ def _reward_band(ax, steps, rows, keys) -> None:
     ax.plot(steps, series(rows, "reward_std"), ":", label="reward_std")
 
 
+def _points(ax, steps, rows, keys) -> None:
+  # Held-out metrics have a value every eval_every steps only: lines through those points, markers on them.
+  for key in keys:
+    y = series(rows, key)
+    if y is not None:
+      ok = np.isfinite(y)
+      ax.plot(steps[ok], y[ok], "o-", label=key)
+
+
 def _stacked(ax, steps, rows, keys) -> None:
   present = [k for k in keys if series(rows, k) is not None]
   ax.stackplot(steps, *[np.nan_to_num(series(rows, k)) for k in present], labels=present, alpha=0.8)
@@ -104,8 +114,12 @@ FIGURES: dict[str, tuple[str, tuple[Panel, ...]]] = {
               dashed=("r_kl_no_entropy",)),
         Panel("student log-prob of the solution", ("solution_logp_mean", "solution_logp_min")),
         Panel("teacher − student log-prob on the explanation", ("kl_mean", "kl_max")),
+        Panel("held-out reward (eval/*: prompts never trained on)", ("eval/reward_mean",), _points),
+        Panel("held-out r_SS and r_KL", ("eval/r_ss_mean", "eval/r_kl_mean"), _points),
     )),
-    "match_rate": ("Explanations that close their end tag", (Panel("match rate", ("match_rate",)),)),
+    "match_rate": ("Explanations that close their end tag", (
+        Panel("match rate", ("match_rate",)),
+        Panel("held-out match rate", ("eval/match_rate",), _points))),
     "kl_to_ref": ("KL of the teacher to its reference", (
         Panel("k3 KL to the reference (per-sequence mean; token mean dashed)", ("kl_to_ref", "kl_to_ref_token"),
               dashed=("kl_to_ref_token",)),)),

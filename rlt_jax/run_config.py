@@ -71,7 +71,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.chip = ""                # "" = detect from the devices; a rlt_jax.plan chip name (h100, tpu-v5p, ...) declares it
   c.allow_config_change = False  # resume although fields outside RESUME_SAFE_FIELDS differ from the checkpoint's
   c.profile_steps = ""       # "START,END": a jax.profiler trace of steps START..END (from 1) in <workdir>/profile
+  c.eval_every = 0           # held-out reward (eval/* metrics) every N steps and before the first; 0 = never
+  c.eval = eval_config()
   return c
+
+
+def eval_config() -> ml_collections.ConfigDict:
+  """The held-out prompts of an RL run (`heldout`): evaluated every `eval_every` steps, never trained on."""
+  return ml_collections.ConfigDict(dict(
+      path="",          # "" = `num_prompts` rows of the training data, set aside at start (a seeded pick)
+      num_prompts=0))   # 0 = no held-out set (every row trains); config.eval_every > 0 needs some
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -198,6 +207,21 @@ def profile_window(cfg) -> tuple[int, int] | None:
   return first, last
 
 
+def check_eval(cfg, need) -> None:
+  """`eval_every` and the `eval` block (a config without them, e.g. an older one, has no evaluation)."""
+  if "eval" not in cfg:
+    return
+  every, n, path = cfg.get("eval_every", 0), cfg.eval.num_prompts, cfg.eval.path
+  need(isinstance(every, int) and every >= 0, "eval_every", "must be an integer >= 0 (0 = no evaluation)")
+  need(isinstance(n, int) and n >= 0, "eval.num_prompts", "must be an integer >= 0 (0 = no held-out set)")
+  need(n or not every, "eval.num_prompts", f"must be >= 1 with config.eval_every={every}: the prompts to evaluate on")
+  need(not path or n, "eval.num_prompts", f"must be >= 1 with config.eval.path={path!r}")
+  if path:
+    why = sources.check_source(path, data_dir=cfg.data.get("tfds_data_dir") or None)
+    need(why is None, "eval.path", f"cannot be read: {why} (the held-out prompts: a .jsonl/.json/.parquet/"
+         ".array_record file, a Hugging Face save_to_disk folder, or tfds:NAME:SPLIT; '' = rows of the training data)")
+
+
 def validate(cfg, *, training: bool = True) -> tuple[grpo.GRPOConfig, rewards.RewardConfig]:
   """Checks the config before any work; every error names the field. `training=False` (distillation: the teacher
   only samples) skips the check that the learning rate survives the params' dtype."""
@@ -223,6 +247,7 @@ def validate(cfg, *, training: bool = True) -> tuple[grpo.GRPOConfig, rewards.Re
   need(cfg.temperature > 0, "temperature", "must be > 0 (GRPO needs sampled, not greedy, completions)")
   need(0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
   need(0 <= cfg.log_completions_fraction <= 1, "log_completions_fraction", "must be in [0, 1]")
+  check_eval(cfg, need)
   for f in ("teacher_path", "student_path", "tokenizer_path"):
     path = cfg[f]
     need(not path or os.path.isdir(path), f, "is not a directory")
@@ -262,8 +287,10 @@ def validate(cfg, *, training: bool = True) -> tuple[grpo.GRPOConfig, rewards.Re
 RESUME_SAFE_FIELDS = (
     # How long the run goes, where and how often it writes, when it gives up: not what a step computes.
     "steps", "workdir", "resume", "allow_config_change", "checkpoint_every", "checkpoint_every_minutes",
-    "keep_checkpoints", "profile_steps", "log_completions_fraction", "tensorboard", "wandb", "export_dir",
-    "export_dtype", "max_bad_steps", "preflight", "chip",
+    "keep_checkpoints", "profile_steps",
+    "eval_every",  # how often the held-out set is scored (`eval.*` picks it, and what the training data leaves out)
+    "log_completions_fraction", "tensorboard", "wandb", "export_dir", "export_dtype", "max_bad_steps", "preflight",
+    "chip",
     # Layout and memory: the same math on other hardware (resuming on another mesh or device count is supported).
     "mesh", "num_devices", "sharding_rules", "rollout_tensor", "rollout_rules", "sample_micro_batch",
     "reward_micro_batch", "decode", "remat", "logprob_chunk_size",

@@ -187,6 +187,20 @@ class ConcatSource:
     return self.sources[k][int(i - (self._ends[k - 1] if k else 0))]
 
 
+class Subset:
+  """The records of `source` except those at the indices `drop` (a run's held-out rows), in their order."""
+
+  def __init__(self, source, drop: Sequence[int]):
+    self.source = source
+    self._keep = np.setdiff1d(np.arange(len(source)), np.asarray(list(drop), np.int64))
+
+  def __len__(self):
+    return len(self._keep)
+
+  def __getitem__(self, i):
+    return self.source[int(self._keep[i])]
+
+
 def open_source(spec, *, split: str | None = None, data_dir: str | None = None):
   """A source from a path or spec: *.jsonl, *.csv, *.parquet, *.array_record, a `save_to_disk` folder,
   "tfds:NAME:SPLIT"."""

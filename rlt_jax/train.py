@@ -29,8 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlt_jax import checkpointing, cli, data, decode, distributed, hf_checkpoint, loading, loop, metrics, \
+from rlt_jax import checkpointing, cli, data, decode, distributed, heldout, hf_checkpoint, loading, loop, metrics, \
     model_format, optim, precision, preemption, preflight, rewards, rl_step, run_config, sampling, sharding
+
+# Held-out batch i samples with the keys of this step − i: fixed for the run (every pass sees the same randomness,
+# so the eval/* curve compares params, not draws) and never a training step's.
+EVAL_KEY_STEP = 2**31 - 1
 
 
 def decode_schedule(cfg) -> decode.Schedule:
@@ -116,6 +120,41 @@ def rollout_rewards(rs: loading.RunSetup, params, ro: dict):
                                micro_batch=rs.config.reward_micro_batch)
 
 
+class HeldOutEval:
+  """The held-out pass (`heldout`): every held-out prompt sampled G times at the run's temperature with fixed keys,
+  spliced and scored by the RLT reward (`rollout_rewards`), in batches of the training step's shape: the sampler
+  programs are the step's own, the reward program compiles once, and every transfer is explicit (it runs inside
+  the loop's transfer guard). `dispatch` waits for the samples (the splice needs them) and queues the rewards;
+  `read` brings them back and gives the `eval/*` means."""
+
+  def __init__(self, rs: loading.RunSetup):
+    cfg, self.rs = rs.config, rs
+    prompts = cfg.batch_size // cfg.group_size
+    self.batches = heldout.batches(rs.heldout, prompts, int(cfg.max_prompt_len), rs.fmt.pad_id)
+    calls = prompts // (int(cfg.sample_micro_batch) or prompts)
+    # Replicated on the rollout mesh, as the step program hands the sampler its keys (the same compiled sampler).
+    on_rollout = jax.sharding.NamedSharding(rs.rollout.mesh, jax.sharding.PartitionSpec())
+    with jax.transfer_guard("allow"):  # made once, before the loop
+      self.keys = [jax.device_put(rl_step.sample_keys(int(cfg.seed), EVAL_KEY_STEP - i, calls), on_rollout)
+                   for i in range(len(self.batches))]
+
+  def dispatch(self, params) -> list:
+    rs = self.rs
+    copy = precision.compute_copy(params, rs.config.dtype, rs.rollout.shardings)
+    sampled = [sample_step(rs, copy, b, k) for (b, _), k in zip(self.batches, self.keys)]
+    out = []
+    for (batch, n), s in zip(self.batches, sampled):
+      ro = finish_rollout(rs, batch, read_samples(s))
+      reward, m, _ = rollout_rewards(rs, params, ro)
+      out.append((dict(prompts=n, matched=ro["reward"].matched, lengths=ro["lengths"]),
+                  dict(reward=reward, r_ss=m["r_ss"], r_kl=m["r_kl"])))
+    return out
+
+  def read(self, queued: list) -> dict:
+    rows = distributed.to_host([dev for _, dev in queued])  # one transfer
+    return heldout.summary([dict(host, **r) for (host, _), r in zip(queued, rows)], int(self.rs.config.group_size))
+
+
 def initial_state(rs: loading.RunSetup, optimizer) -> dict:
   """params, AdamW state, reference, step and bad-step counters, everything on the mesh."""
   replicated = jax.sharding.NamedSharding(rs.mesh, jax.sharding.PartitionSpec())
@@ -138,9 +177,10 @@ class RLTrainer:
   while the devices work and never holds them up between steps."""
 
   def __init__(self, rs: loading.RunSetup, state: dict, it, total: int, writer: metrics.RunWriter,
-               ckpt: checkpointing.Checkpointer):
+               ckpt: checkpointing.Checkpointer, held: HeldOutEval | None = None):
     cfg = rs.config
     self.rs, self.state, self.it, self.total, self.writer, self.ckpt = rs, state, it, total, writer, ckpt
+    self.held, self.eval_every = held, int(cfg.get("eval_every", 0)) if held is not None else 0
     self.overlap = bool(cfg.overlap)
     prompts = cfg.batch_size // cfg.group_size
     self.sc = rl_step.StepConfig(
@@ -182,10 +222,13 @@ class RLTrainer:
       self.ahead = ahead
     elif more:  # step k+1 from θ_k+1, queued behind the update
       self.next = self._sample_next(*ahead)
-    return out, batch, ro, dict(time_sample=t1 - t0, time_splice=time.perf_counter() - t1)
+    times = dict(time_sample=t1 - t0, time_splice=time.perf_counter() - t1)
+    # The held-out pass of θ_k+1, queued behind the step (and the next sampling); its means join step k+1's line.
+    due = self.eval_every and (step + 1) % self.eval_every == 0
+    return out, batch, ro, times, self.held.dispatch(self.state["params"]) if due else None
 
   def report(self, step: int, out, seconds: float):
-    device, batch, ro, times = out
+    device, batch, ro, times, held = out
     m = distributed.to_host(device)  # the step's metrics: one transfer, a step late
     s, cfg = m["scalars"], self.rs.config
     last = {k: float(v) for k, v in s.items() if k not in ("skipped", "bad_steps")}
@@ -200,6 +243,8 @@ class RLTrainer:
     self.writer.write_completions(metrics.completion_rows(
         step + 1, batch, ro["examples"], lengths, m["rows"], cfg.group_size, cfg.log_completions_fraction))
     last["bad_steps"] = int(s["bad_steps"])
+    if held is not None:
+      last.update(self.held.read(held))
     return last, batch["where"]
 
   def check(self, step: int, metrics: dict) -> None:
@@ -226,7 +271,11 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
     it.set_state(data_state)
   start = int(jax.device_get(state["step"]))
   writer = metrics.RunWriter(workdir, resume_step=start, config=cfg)
-  trainer = RLTrainer(rs, state, it, cfg.steps, writer, ckpt)
+  held = HeldOutEval(rs) if rs.heldout is not None else None
+  trainer = RLTrainer(rs, state, it, cfg.steps, writer, ckpt, held)
+  if held is not None and cfg.eval_every and start == 0:  # the baseline the eval/* curve starts from: step 0
+    with jax.transfer_guard("disallow"):
+      writer.write(0, held.read(held.dispatch(state["params"])))
   last = loop.run(trainer, start=start, total=cfg.steps, checkpoint_every=cfg.checkpoint_every, ckpt=ckpt,
                   writer=writer, bar=loop.progress(cfg.steps, start), on_step=on_step,
                   postfix=lambda m: dict(reward=f"{m['reward_mean']:.3f}", match=f"{m['match_rate']:.2f}"),

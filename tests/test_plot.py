@@ -102,6 +102,22 @@ def test_figures_hold_the_file_values(tmp_path):
   assert max(top[:, 1]) == pytest.approx(max(totals.values()))
 
 
+def test_held_out_means_are_points_at_their_steps():
+  """A run with eval_every=2: a step-0 line with the eval/* means only, and the means again on steps 2 and 4. The
+  held-out panels draw exactly those points (the steps between have none); the training lines start at step 1."""
+  rows = [{"step": 0, "eval/reward_mean": -2.0, "eval/r_ss_mean": -1.5, "eval/r_kl_mean": 0.5,
+           "eval/match_rate": 0.1}] + hand_rows()
+  for r, v in zip(rows[2::2], (-1.5, -1.0)):
+    r.update({"eval/reward_mean": v, "eval/r_ss_mean": v + 0.5, "eval/r_kl_mean": 0.4, "eval/match_rate": 0.3})
+  figs = plot.make_figures(rows)
+  reward, match = lines_by_label(figs["reward"]), lines_by_label(figs["match_rate"])
+  assert reward["eval/reward_mean"] == ([0.0, 2.0, 4.0], [-2.0, -1.5, -1.0])
+  assert reward["eval/r_ss_mean"] == ([0.0, 2.0, 4.0], [-1.5, -1.0, -0.5])
+  assert match["eval/match_rate"] == ([0.0, 2.0, 4.0], [0.1, 0.3, 0.3])
+  x, y = reward["reward_mean"]
+  assert x == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0] and math.isnan(y[0]) and y[1:] == [r["reward_mean"] for r in rows[1:]]
+
+
 def check_png(path):
   with open(path, "rb") as f:
     head = f.read(8)

@@ -43,3 +43,22 @@ def test_profile_steps_window():
   with pytest.raises(run_config.ConfigError, match=r"^config\.profile_steps='5-7': expected 'START,END'"):
     run_config.validate(cfg)  # the RL run checks it before any work
   assert "profile_steps" in run_config.RESUME_SAFE_FIELDS  # tracing a resumed run's steps changes nothing it computes
+
+
+def test_eval_fields_checked_and_only_eval_every_resume_safe():
+  cfg = run_config.default_config()
+  cfg.tiny_models = True
+  assert cfg.eval_every == 0 and cfg.eval.num_prompts == 0 and cfg.eval.path == ""  # off: every row trains
+  cfg.eval_every = 10
+  with pytest.raises(run_config.ConfigError, match=r"^config\.eval\.num_prompts=0: must be >= 1 with "
+                                                   r"config\.eval_every=10"):
+    run_config.validate(cfg)
+  cfg.eval.num_prompts, cfg.eval.path = 4, "/no/such.jsonl"
+  with pytest.raises(run_config.ConfigError, match=r"^config\.eval\.path='/no/such\.jsonl': cannot be read"):
+    run_config.validate(cfg)
+  cfg.eval.path = ""
+  run_config.validate(cfg)
+  saved = run_config.config_json(cfg)
+  cfg.eval_every, cfg.eval.num_prompts = 5, 8  # how often is free; which rows are held out changes the training data
+  changed, _ = run_config.config_changes(saved, cfg)
+  assert changed == [("eval.num_prompts", 4, 8)]

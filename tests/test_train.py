@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, set_fields, tiny_module_config
-from rlt_jax import data, loading, rewards, rl_step, run_config, train
+from rlt_jax import data, heldout, loading, rewards, rl_step, run_config, train
 
 
 def small_config(assets, **overrides):
@@ -22,6 +22,7 @@ def small_config(assets, **overrides):
   cfg.teacher_path, cfg.student_path, cfg.tokenizer_path = assets["teacher"], assets["student"], assets["tokenizer"]
   cfg.batch_size, cfg.group_size, cfg.max_new_tokens = 8, 4, 16
   cfg.steps, cfg.checkpoint_every, cfg.tensorboard, cfg.export_dir = 2, 100, False, ""
+  cfg.eval_every, cfg.eval.num_prompts = 0, 0  # the tests that evaluate turn it on
   return set_fields(cfg, overrides)
 
 
@@ -210,6 +211,12 @@ def test_micro_batched_sampling_and_reward_equal_one_call(assets, tmp_path):
     (dict(export_dtype="fp8"), r"config.export_dtype='fp8': must be one of"),
     ({"decode.buckets": 0}, r"config.decode.buckets=0: must be >= 1"),
     (dict(rollout_tensor=3), r"config.rollout_tensor: rollout tensor size 3 does not divide the mesh's 8 devices"),
+    (dict(eval_every=-1), r"config.eval_every=-1: must be an integer >= 0"),
+    (dict(eval_every=5), r"config.eval.num_prompts=0: must be >= 1 with config.eval_every=5"),
+    ({"eval.num_prompts": -2}, r"config.eval.num_prompts=-2: must be an integer >= 0"),
+    ({"eval.num_prompts": 2, "eval.path": "/no/such.jsonl"}, r"^config.eval.path='/no/such.jsonl': cannot be read"),
+    ({"eval.num_prompts": 300}, r"config.eval.num_prompts=300: sets aside 300 of the 300 usable rows"),
+    ({"eval.num_prompts": 400}, r"config.eval.num_prompts=400: .* has only 300 usable prompts"),
 ])
 def test_bad_config_fails_at_start_naming_the_field(assets, tmp_path, overrides, message):
   with pytest.raises(run_config.ConfigError, match=message):
@@ -217,12 +224,70 @@ def test_bad_config_fails_at_start_naming_the_field(assets, tmp_path, overrides,
   assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_held_out_eval_at_its_steps_never_trained_on_and_recomputable(assets, tmp_path):
+  """eval_every=2 on 3 of 6 rows set aside: eval/* at steps 0, 2, 4 only, finite; the training batches hold exactly
+  the other 3 rows (without the set-aside every row would show up in 8 draws); the step-0 means equal train.rollout +
+  rollout_rewards on the held-out rows with the eval keys (NumPy means of the real rows); the eval's sampler calls
+  are the step's programs (one prefill and one decode compile in the run) and nothing compiles after step 1."""
+  src = tmp_path / "six.jsonl"
+  src.write_text("".join(open(data.SAMPLE_PATH).readlines()[:6]))
+  cfg = small_config(assets, steps=4, eval_every=2, tensorboard=True,
+                     **{"data.path": str(src), "eval.num_prompts": 3})
+  compiles, after = [], {}
+
+  def listener(event, duration, **kw):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(kw.get("fun_name"))
+
+  jax.clear_caches()
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    train.run(cfg, str(tmp_path / "run"), on_step=lambda s, m: after.__setitem__(s, len(compiles)))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  rows = metrics_rows(tmp_path / "run")
+  assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+  for r in rows:
+    assert ("eval/reward_mean" in r) == (r["step"] % 2 == 0), r
+    if r["step"] % 2 == 0:
+      assert all(np.isfinite(r[k]) for k in heldout.KEYS)
+  assert "reward_mean" not in rows[0]  # the baseline line holds the held-out means only
+  assert compiles.count("jit(prefill)") == 1 and compiles.count("jit(decode)") == 1, compiles
+  assert after[4] == after[1], compiles[after[1]:after[4]]  # the step-4 pass compiled nothing
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  tb = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+  tb.Reload()
+  assert [e.step for e in tb.Scalars("eval/reward_mean")] == [0, 2, 4]
+
+  rs = loading.setup(cfg, str(tmp_path / "again"))
+  wheres = [r["where"] for r in rs.heldout.rows]
+  lines = [f"{src}:{i}" for i in range(1, 7)]
+  assert len(set(wheres)) == 3 and set(wheres) < set(lines)
+  trained = {w for r in rows[1:] for w in r["rows"]}
+  assert trained == set(lines) - set(wheres), (trained, wheres)
+  G, per_row = cfg.group_size, {k: [] for k in ("reward", "r_ss", "r_kl", "matched")}
+  held = rs.heldout.rows
+  for i, part in enumerate([held[0:2], [held[2], held[2]]]):  # 2 prompts a step; the repeat is left out
+    batch = data.collate_prompts(part, (cfg.max_prompt_len,), rs.fmt.pad_id)
+    ro = train.rollout(rs, rs.teacher_params, batch, train.EVAL_KEY_STEP - i)
+    reward, m, _ = train.rollout_rewards(rs, rs.teacher_params, ro)
+    real = (2 if i == 0 else 1) * G
+    for k, v in (("reward", reward), ("r_ss", m["r_ss"]), ("r_kl", m["r_kl"]), ("matched", ro["reward"].matched)):
+      per_row[k].append(np.asarray(v)[:real])
+  want = {k: np.concatenate(v).mean() for k, v in per_row.items()}
+  assert rows[0]["eval/reward_mean"] == pytest.approx(want["reward"], rel=1e-5, abs=1e-6)
+  assert rows[0]["eval/r_ss_mean"] == pytest.approx(want["r_ss"], rel=1e-5, abs=1e-6)
+  assert rows[0]["eval/r_kl_mean"] == pytest.approx(want["r_kl"], rel=1e-5, abs=1e-6)
+  assert rows[0]["eval/match_rate"] == pytest.approx(want["matched"])
+
+
 def _command(assets, workdir, steps):
   return [sys.executable, "-m", "rlt_jax.train", "--config", str(REPO / "configs" / "tiny.py"), "--workdir",
           str(workdir), f"--config.teacher_path={assets['teacher']}", f"--config.student_path={assets['student']}",
           f"--config.tokenizer_path={assets['tokenizer']}", "--config.batch_size=8", "--config.group_size=4",
           "--config.max_new_tokens=16", f"--config.steps={steps}", "--config.checkpoint_every=2",
-          "--config.tensorboard=False", "--config.export_dir=export"]
+          "--config.tensorboard=False", "--config.export_dir=export", "--config.eval_every=3",
+          "--config.eval.num_prompts=3"]
 
 
 def test_sigkill_and_resume_reproduce_the_uninterrupted_run(assets, tmp_path):
@@ -250,9 +315,12 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(assets, tmp_path):
   assert straight.returncode == 0, err[-3000:]
 
   a, b = metrics_rows(tmp_path / "straight"), metrics_rows(killed)
-  assert [r["step"] for r in b] == list(range(1, steps + 1))
-  assert [r["rows"] for r in a] == [r["rows"] for r in b]  # every data row consumed exactly as often
-  assert [r["reward_mean"] for r in a] == [r["reward_mean"] for r in b]
+  assert [r["step"] for r in b] == list(range(0, steps + 1))  # step 0: the held-out baseline
+  assert [r.get("rows") for r in a] == [r.get("rows") for r in b]  # every data row consumed exactly as often
+  assert [r.get("reward_mean") for r in a] == [r.get("reward_mean") for r in b]
+  evals = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in b]  # at steps 0, 3, 6, as uninterrupted
+  assert [bool(e) for e in evals] == [s % 3 == 0 for s in range(steps + 1)]
+  assert evals == [{k: v for k, v in r.items() if k.startswith("eval/")} for r in a]
   same = (tmp_path / "straight" / "export" / "model.safetensors").read_bytes() == \
       (killed / "export" / "model.safetensors").read_bytes()
   assert same, "resumed params differ from the uninterrupted run"
