@@ -139,8 +139,10 @@ def test_a_two_task_slurm_job_on_localhost_connects_and_gathers_rows_in_stream_o
 # near-zero gradient (gloo adds across processes in another order than one process does) into a step of up to lr
 # (measured: 43 weights 1.7e-4 apart after step 1). eps = 1e-3 bounds that gain by lr/eps, so the runs below must
 # agree to float32 noise (measured 6e-8) while the params still move by ~3e-4 a step.
+# The held-out pass runs too (2 prompts set aside, at steps 0 and 2): its rows gathered and scored across processes.
 OVERRIDES = {"batch_size": 8, "group_size": 4, "max_new_tokens": 8, "steps": 2, "checkpoint_every": 1,
-             "keep_checkpoints": 5, "tensorboard": False, "export_dir": "", "grpo.adam_eps": 1e-3}
+             "keep_checkpoints": 5, "tensorboard": False, "export_dir": "", "grpo.adam_eps": 1e-3, "eval_every": 2,
+             "eval.num_prompts": 2}
 
 
 def _config(assets, **overrides):
@@ -182,8 +184,18 @@ def _resume_copy(src, dst, step):
       shutil.rmtree(d)
 
 
-def _metrics(workdir):
+def _lines(workdir):
   return [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+
+
+def _metrics(workdir):
+  """The training steps' lines (the held-out baseline, step 0, left out)."""
+  return [r for r in _lines(workdir) if r["step"] > 0]
+
+
+def _held_out(workdir):
+  return {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")}
+          for r in _lines(workdir) if "eval/reward_mean" in r}
 
 
 def _params(step_dir):
@@ -228,6 +240,10 @@ def test_two_processes_train_like_one_process_with_eight_devices(runs):
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     assert a["completion_len_mean"] == b["completion_len_mean"]
+  held_one, held_two = _held_out(runs / "one"), _held_out(runs / "two")
+  assert sorted(held_two) == sorted(held_one) == [0, 2]
+  for step, values in held_one.items():  # the same held-out rows, keys and scores in 1 and 2 processes
+    assert held_two[step] == pytest.approx(values, abs=1e-5)
   start, p1, p2 = _params(runs / "one" / "checkpoints" / "1"), _params(runs / "one" / "checkpoints" / "2"), \
       _params(runs / "two" / "checkpoints" / "2")
   moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(p1)))

@@ -7,6 +7,7 @@ import pathlib
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -14,25 +15,38 @@ from conftest import REPO, set_fields, tiny_module_config
 from rlt_jax import metrics, run_config, train
 
 
-def wandb_records(workdir) -> list:
-  """The protobuf records of every offline W&B run under `workdir`/wandb, in order. The .wandb file is a LevelDB-style
-  log after a 7-byte header: 32 KiB blocks of records (crc32c 4, length 2, type 1: full / first / middle / last)."""
+def wandb_records(workdir, timeout: float = 60.0) -> list:
+  """The protobuf records of every offline W&B run under `workdir`/wandb, in order, once each run file holds its
+  closing `exit` record (wandb's writer may still be flushing when `finish` returns)."""
+  deadline = time.time() + timeout
+  while True:
+    paths = sorted(pathlib.Path(workdir, "wandb").glob("offline-run-*/run-*.wandb"))
+    records = [r for p in paths for r in _read_wandb_file(p)]
+    exits = sum(r.WhichOneof("record_type") == "exit" for r in records)
+    if (paths and exits == len(paths)) or time.time() > deadline:
+      return records
+    time.sleep(0.1)
+
+
+def _read_wandb_file(path) -> list:
+  """A .wandb file: a LevelDB-style log after a 7-byte header, 32 KiB blocks (counted from the file's start) of
+  records (crc32c 4, length 2, type 1: full / first / middle / last), each a wandb_internal_pb2.Record."""
   from wandb.proto import wandb_internal_pb2
-  out = []
-  for path in sorted(pathlib.Path(workdir, "wandb").glob("offline-run-*/run-*.wandb")):
-    data, pos, parts = path.read_bytes(), 7, b""
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-      if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
-        pos += 32768 - pos % 32768
-        continue
-      _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-      parts, pos = parts + data[pos + 7:pos + 7 + length], pos + 7 + length
-      if kind in (1, 4):  # a full record, or the last part of one
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(parts)
-        out.append(record)
-        parts = b""
+  out, data, pos, parts = [], path.read_bytes(), 7, b""
+  assert data[:4] == b":W&B"
+  while pos + 7 <= len(data):
+    if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+      pos += 32768 - pos % 32768
+      continue
+    _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+    if pos + 7 + length > len(data):  # still being written
+      break
+    parts, pos = parts + data[pos + 7:pos + 7 + length], pos + 7 + length
+    if kind in (1, 4):  # a full record, or the last part of one
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(parts)
+      out.append(record)
+      parts = b""
   return out
 
 
@@ -97,7 +111,7 @@ def test_an_rl_run_logs_its_step_metrics_to_wandb(assets, tmp_path):
   cfg = _config(project="rlt-test")
   cfg.teacher_path, cfg.student_path, cfg.tokenizer_path = assets["teacher"], assets["student"], assets["tokenizer"]
   set_fields(cfg, {"batch_size": 8, "group_size": 4, "max_new_tokens": 16, "steps": 2, "checkpoint_every": 100,
-                   "export_dir": "", "log_completions_fraction": 1.0})
+                   "export_dir": "", "log_completions_fraction": 1.0, "eval_every": 0, "eval.num_prompts": 0})
   train.run(cfg, str(tmp_path))
   lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   logged = history(tmp_path)

@@ -23,7 +23,7 @@ BASE = {"batch_size": 8, "group_size": 4, "max_new_tokens": 16, "checkpoint_ever
         "tensorboard": False, "export_dir": "",
         # Keeps Adam from amplifying float32 noise, so a 2-process run stays within 1e-6 of one process (as in
         # test_distributed.py: cross-process reductions add in another order).
-        "grpo.adam_eps": 1e-3}
+        "grpo.adam_eps": 1e-3, "eval_every": 0, "eval.num_prompts": 0}
 
 
 def _config(assets, **overrides):
