@@ -132,11 +132,12 @@ class HeldOutEval:
     prompts = cfg.batch_size // cfg.group_size
     self.batches = heldout.batches(rs.heldout, prompts, int(cfg.max_prompt_len), rs.fmt.pad_id)
     calls = prompts // (int(cfg.sample_micro_batch) or prompts)
-    # Replicated on the rollout mesh, as the step program hands the sampler its keys (the same compiled sampler).
+    # Replicated on the rollout mesh, as the step program hands the sampler its keys (the same compiled sampler),
+    # made by one program on every process: a global array, which a device_put from one process's host cannot make.
     on_rollout = jax.sharding.NamedSharding(rs.rollout.mesh, jax.sharding.PartitionSpec())
-    with jax.transfer_guard("allow"):  # made once, before the loop
-      self.keys = [jax.device_put(rl_step.sample_keys(int(cfg.seed), EVAL_KEY_STEP - i, calls), on_rollout)
-                   for i in range(len(self.batches))]
+    make = jax.jit(lambda: [rl_step.sample_keys(int(cfg.seed), EVAL_KEY_STEP - i, calls)
+                            for i in range(len(self.batches))], out_shardings=on_rollout)
+    self.keys = make()  # once, before the loop
 
   def dispatch(self, params) -> list:
     rs = self.rs
