@@ -2,7 +2,9 @@
 and TensorBoard scalars.
 
 Only process 0 writes. On resume, lines of steps after the restored checkpoint are dropped first, so a killed and
-resumed run leaves the same files as an uninterrupted one.
+resumed run leaves the same files as an uninterrupted one. A workdir URL (gs://...) has no appends: the files are
+written on this machine (`storage.Mirror`, TensorBoard events under `storage.scratch_dir`) and uploaded whole at
+`flush` (the loop flushes before every checkpoint, so a resume finds every line up to it) and `close`.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import time
 
 import jax
 import numpy as np
+
+from rlt_jax import storage
 
 
 
@@ -55,17 +59,23 @@ class RunWriter:
 
   def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True):
     self.active = jax.process_index() == 0
-    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
-    self.completions_path = os.path.join(workdir, "completions.jsonl")
-    self._tb = None
+    self._tb, self._mirrors, self._tb_dirs = None, [], None
+    self.metrics_path = storage.join(workdir, "metrics.jsonl")  # the local files written (a URL's local copies)
+    self.completions_path = storage.join(workdir, "completions.jsonl")
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
+    local = storage.scratch_dir(workdir) if storage.is_url(workdir) else None
+    self._mirrors = [storage.Mirror(p, local) for p in (self.metrics_path, self.completions_path)]
+    self.metrics_path, self.completions_path = (m.local for m in self._mirrors)
     for p in (self.metrics_path, self.completions_path):
       truncate_jsonl(p, resume_step)
     if tensorboard:
       from tensorboard.summary.writer.event_file_writer import EventFileWriter
-      self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+      tb = os.path.join(local or workdir, "tensorboard")
+      self._tb = EventFileWriter(tb)
+      self._tb_dirs = (tb, storage.join(workdir, "tensorboard")) if local else None
+    self.flush()
 
   def write(self, step: int, scalars: dict, **extra) -> None:
     if not self.active:
@@ -88,9 +98,22 @@ class RunWriter:
       for r in rows:
         f.write(json.dumps(_plain(r)) + "\n")
 
+  def flush(self) -> None:
+    """A workdir URL: uploads the files that changed (each a whole object); nothing for a local workdir."""
+    if self._tb is not None:
+      self._tb.flush()
+    self._upload()
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+    self._upload()
+
+  def _upload(self) -> None:
+    for m in self._mirrors:
+      m.sync()
+    if self._tb_dirs:
+      storage.upload_dir(*self._tb_dirs)
 
 
 def completion_rows(step: int, batch: dict, examples: list, lengths, per_row: dict, group_size: int,

@@ -23,7 +23,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from rlt_jax import rows
+from rlt_jax import rows, storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +198,8 @@ def open_source(spec, *, split: str | None = None, data_dir: str | None = None):
     if len(parts) != 3:
       raise ValueError(f"data: TFDS spec must be tfds:NAME:SPLIT, got {s!r}")
     return TfdsSource(parts[1], parts[2], data_dir)
+  if storage.is_url(s):  # a bucket's file or save_to_disk folder: read from its copy in the local cache
+    s = storage.local_copy(s)
   p = pathlib.Path(s)
   if p.is_dir():
     if any((p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
