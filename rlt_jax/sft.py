@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from rlt_jax import checkpointing, cli, data, hf_checkpoint, loading, loop, metrics, model_format, optim, preflight, \
-    run_config, sharding
+    run_config, sharding, storage
 from rlt_jax.models import logprobs
 from rlt_jax.models.config import ModelConfig
 
@@ -125,8 +125,8 @@ def validate(cfg) -> None:
   need(0 <= cfg.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
   need(cfg.lr_schedule in optim.LR_SCHEDULES, "lr_schedule", f"must be one of {optim.LR_SCHEDULES}")
   for f in ("model_path", "tokenizer_path"):
-    need(not cfg[f] or os.path.isdir(cfg[f]), f, "is not a directory")
-  need(not cfg.model_path or os.path.isfile(os.path.join(cfg.model_path, "config.json")), "model_path",
+    need(not cfg[f] or storage.isdir(cfg[f]), f, "is not a directory")
+  need(not cfg.model_path or storage.isfile(storage.join(cfg.model_path, "config.json")), "model_path",
        "has no config.json (a Hugging Face model directory is expected)")
   need(bool(cfg.model_path) or cfg.tiny_models, "model_path",
        "is required (a Hugging Face model directory), unless config.tiny_models=True")
@@ -179,7 +179,9 @@ def _empty_batch(rows: int, length: int, pad_id: int) -> dict:
 
 def _load(cfg, workdir):
   """(tokenizer, format, mesh, rules, model config, params) from the config (the tiny model when asked)."""
-  model_path, tok_path = cfg.model_path, cfg.tokenizer_path or cfg.model_path
+  # Model directories in a bucket: read from their copies in the local cache.
+  model_path = loading.model_dir(cfg.model_path)
+  tok_path = loading.model_dir(cfg.tokenizer_path) or model_path
   if not model_path:
     paths = loading.tiny_model_paths(cfg, workdir)
     model_path, tok_path = paths[cfg.kind], paths["tokenizer"]

@@ -77,9 +77,9 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gcs(tmp_path_factory):
-  """A GCS emulator on localhost (gcp-storage-emulator, in memory, a subprocess) with the bucket `rlt-test`; gcsfs
-  and tensorstore (hence orbax) talk to it through STORAGE_EMULATOR_HOST / TENSORSTORE_GCS_HTTP_URL and a fake token.
-  Gives the bucket's URL; each test writes under a prefix of its own. The local cache goes to a temporary folder."""
+  """A GCS emulator on localhost (gcp-storage-emulator through tests/gcs_emulator.py, in memory, a subprocess) with
+  the bucket `rlt-test`; gcsfs and tensorstore (hence orbax) talk to it through STORAGE_EMULATOR_HOST /
+  TENSORSTORE_GCS_HTTP_URL and a fake token (GOOGLE_AUTH_TOKEN_FOR_TESTING). Gives the bucket's URL; each test writes under a prefix of its own. The local cache goes to a temporary folder."""
   import socket
   import subprocess
   import sys
@@ -88,8 +88,9 @@ def gcs(tmp_path_factory):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   log = open(tmp_path_factory.mktemp("gcs") / "emulator.log", "w")
-  proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port",
-                           str(port), "--in-memory", "--default-bucket", "rlt-test", "-q"], stdout=log, stderr=log)
+  proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "gcs_emulator.py"), "start", "--host", "127.0.0.1",
+                           "--port", str(port), "--in-memory", "--default-bucket", "rlt-test", "-q"],
+                          stdout=log, stderr=log)
   deadline = time.time() + 30
   while True:
     try:
@@ -101,7 +102,7 @@ def gcs(tmp_path_factory):
         pytest.fail(f"the GCS emulator did not start (see {log.name})")
       time.sleep(0.1)
   env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "TENSORSTORE_GCS_HTTP_URL": f"http://127.0.0.1:{port}",
-         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake", "FSSPEC_GCS_TOKEN": "anon", "RLT_JAX_CACHE": str(tmp_path_factory.mktemp("cache"))}
+         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake", "RLT_JAX_CACHE": str(tmp_path_factory.mktemp("cache"))}
   old = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
   try:

@@ -117,3 +117,34 @@ def test_a_run_entirely_on_gs_killed_and_resumed_ends_as_on_local_disk(gcs, asse
   assert set(storage.listdir(f"{run}/checkpoints")) >= {"3"}
   assert "rlt_format.json" in storage.listdir(f"{run}/export") and storage.listdir(f"{run}/tensorboard")
   assert len(_rows(f"{run}/completions.jsonl")) == len(_rows(local / "completions.jsonl"))
+
+
+def test_a_missing_url_is_a_config_error_naming_the_field(gcs, assets):
+  from conftest import set_fields, tiny_module_config
+  from rlt_jax import run_config
+  cfg = tiny_module_config()
+  cfg.teacher_path, cfg.student_path = f"{gcs}/nowhere/teacher", assets["student"]
+  with pytest.raises(run_config.ConfigError, match=r"teacher_path.*not a directory"):
+    run_config.validate(cfg)
+  cfg = set_fields(tiny_module_config(), {"data.path": f"{gcs}/nowhere/train.jsonl"})
+  with pytest.raises(run_config.ConfigError, match=r"data\.path.*cannot be read.*no such file"):
+    run_config.validate(cfg)
+
+
+def test_distill_writes_whole_jsonl_objects_to_gs_and_resumes_from_them(gcs, assets, tmp_path):
+  """distill with a gs:// workdir and data: distill.jsonl / skipped.jsonl in the bucket hold every item once (whole
+  objects, every line parseable); a second run reads them back and explains nothing again."""
+  from test_distill import _config
+  from rlt_jax import data, distill
+  sample = open(data.SAMPLE_PATH).read().splitlines()[:4]
+  sample[1] = json.dumps({"question": "no solution here"})
+  storage.write_text(f"{gcs}/distill/items.jsonl", "\n".join(sample) + "\n")
+  cfg = _config(assets, workdir_items=4, **{"data.path": f"{gcs}/distill/items.jsonl",
+                                            "distill.export_dataset": False})
+  out = f"{gcs}/distill/out"
+  counts = distill.run(cfg, out)
+  written, skipped = _rows(f"{out}/distill.jsonl"), _rows(f"{out}/skipped.jsonl")
+  assert counts == {"rows": len(written), "skipped": 1, "total": 4} and skipped[0]["index"] == 1
+  assert sorted(r["index"] for r in written + skipped) == [0, 1, 2, 3]
+  assert distill.run(cfg, out) == counts
+  assert _rows(f"{out}/distill.jsonl") == written
