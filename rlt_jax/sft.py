@@ -256,7 +256,7 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   validate(cfg)
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   tokenizer, fmt, mesh, rules, mc, params = _load(cfg, workdir)
   total = int(cfg.steps) or count_steps(cfg, fmt)
   warmup = int(math.ceil(cfg.warmup_ratio * total))
@@ -279,7 +279,7 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
                       f"sequences must split over the {shards} devices of the mesh's batch axes")
   step_fn = jax.jit(lambda s, b: _sft_step(sc, optimizer, schedule, s, b), donate_argnums=0,
                     in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, config=cfg)
+  ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), cfg.keep_checkpoints, config=cfg)
   state, data_state = ckpt.restore_latest(state, resume=cfg.resume, steps=total)
   stats = data.RowStats()
   it = iter(_dataset(cfg, fmt, num_epochs=None if cfg.steps else cfg.epochs, stats=stats))
@@ -296,11 +296,11 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   if stats.total_bad:
     logging.getLogger("rlt_jax").warning("sft: rows skipped: %s", dict(stats.total_bad))
   if cfg.export_dir:
-    export(cfg, fmt, mc, state["params"], tokenizer, os.path.join(workdir, cfg.export_dir))
+    export(cfg, fmt, mc, state["params"], tokenizer, storage.join(workdir, cfg.export_dir))
   if jax.process_index() == 0 and last:
     print(f"\nrlt_jax.sft ({cfg.kind}): {total} steps, last loss {last['loss']:.4f}; rows used "
           f"{stats.total_ok}, skipped {dict(stats.total_bad) or 0}; model: "
-          f"{os.path.join(workdir, cfg.export_dir) if cfg.export_dir else '(not exported)'}")
+          f"{storage.join(workdir, cfg.export_dir) if cfg.export_dir else '(not exported)'}")
   return last
 
 
