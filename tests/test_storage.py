@@ -24,6 +24,14 @@ def test_paths_local_and_url(gcs, tmp_path):
   assert (tmp_path / "t.txt").read_text() == "local" and not (tmp_path / "t.txt.tmp").exists()
 
 
+def test_a_workdir_url_is_probed(gcs):
+  from rlt_jax import cli
+  cli.check_workdir(f"{gcs}/probe/run", "--workdir")
+  assert storage.listdir(f"{gcs}/probe/run") == []  # the probe object is gone
+  with pytest.raises(cli.WorkdirError, match=r"--workdir=gs://no-such-bucket/run: cannot be written"):
+    cli.check_workdir("gs://no-such-bucket/run", "--workdir")
+
+
 def test_local_model_dir_cache_reused(gcs, tmp_path, assets):
   """A model directory in a bucket is copied file by file into the cache once; a second call downloads nothing,
   a changed file (another size) is downloaded again; other weight formats are left in the bucket."""
@@ -108,6 +116,7 @@ def test_a_run_entirely_on_gs_killed_and_resumed_ends_as_on_local_disk(gcs, asse
 
   a, b = _rows(local / "metrics.jsonl"), _rows(f"{run}/metrics.jsonl")
   assert [r["step"] for r in b] == [1, 2, 3]
+  assert all(w.startswith(f"{base}/data/sample.jsonl:") for r in b for w in r["rows"])  # located in the bucket
   line = lambda rows: [[w.rsplit(":", 1)[1] for w in r["rows"]] for r in rows]  # noqa: E731
   assert line(a) == line(b)  # the same data rows, step by step
   for key in ("reward_mean", "loss", "match_rate"):
