@@ -79,7 +79,8 @@ def assets(tmp_path_factory):
 def gcs(tmp_path_factory):
   """A GCS emulator on localhost (gcp-storage-emulator through tests/gcs_emulator.py, in memory, a subprocess) with
   the bucket `rlt-test`; gcsfs and tensorstore (hence orbax) talk to it through STORAGE_EMULATOR_HOST /
-  TENSORSTORE_GCS_HTTP_URL and a fake token (GOOGLE_AUTH_TOKEN_FOR_TESTING). Gives the bucket's URL; each test writes under a prefix of its own. The local cache goes to a temporary folder."""
+  TENSORSTORE_GCS_HTTP_URL and a fake token (GOOGLE_AUTH_TOKEN_FOR_TESTING). Gives the bucket's URL; each test
+  writes under a prefix of its own. The local cache goes to a temporary folder."""
   import socket
   import subprocess
   import sys

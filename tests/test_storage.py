@@ -157,3 +157,25 @@ def test_distill_writes_whole_jsonl_objects_to_gs_and_resumes_from_them(gcs, ass
   assert sorted(r["index"] for r in written + skipped) == [0, 1, 2, 3]
   assert distill.run(cfg, out) == counts
   assert _rows(f"{out}/distill.jsonl") == written
+
+
+def test_evaluate_reads_the_model_and_benchmark_from_gs_and_writes_its_results_there(gcs, assets, tmp_path):
+  """evaluate with model, tokenizer, benchmark file and workdir in the bucket: the same results and per-problem
+  rows as the run on local paths."""
+  from test_evaluate import config_for
+  from rlt_jax import data, evaluate
+  base = f"{gcs}/evaluate"
+  for role in ("student", "tokenizer"):
+    _upload_tree(assets[role], f"{base}/{role}")
+  storage.upload(str(data.SAMPLE_PATH), f"{base}/gsm8k.jsonl")
+  kw = dict(limit=4, batch_size=2, max_new_tokens=16)
+  local = evaluate.run(config_for(assets["student"], assets["tokenizer"], **kw), str(tmp_path))
+  remote = evaluate.run(config_for(f"{base}/student", f"{base}/tokenizer", benchmarks=(f"gsm8k={base}/gsm8k.jsonl",),
+                                   **kw), f"{base}/out")
+  assert remote["model_path"] == f"{base}/student"
+  assert remote["benchmarks"]["gsm8k"]["pass@1"] == local["benchmarks"]["gsm8k"]["pass@1"]
+  with storage.open_file(f"{base}/out/results.json") as f:
+    assert json.load(f)["benchmarks"]["gsm8k"]["n_problems"] == 4
+  strip = lambda rows: [{k: v for k, v in r.items() if k != "where"} for r in rows]  # noqa: E731
+  assert strip(_rows(f"{base}/out/gsm8k.jsonl")) == strip(_rows(tmp_path / "gsm8k.jsonl"))
+  assert storage.isfile(f"{base}/out/results.md")
