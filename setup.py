@@ -24,12 +24,17 @@ INSTALL_REQUIRES = [
     "tensorboard==2.21.0",  # event files for TensorBoard (no TensorFlow needed)
     "math-verify==0.9.0",  # answer equivalence in rlt_jax.grading
     "matplotlib==3.11.2",  # rlt_jax.plot
+    "fsspec==2026.9.0",  # gs:// (and other URL) paths: rlt_jax.storage
+    "gcsfs==2026.10.1",
+    "etils[epath]==1.15.0",  # orbax's paths (a gs:// checkpoint directory)
+    "tensorstore==0.1.86",  # orbax's array writes, straight to gs://
 ]
 
 EXTRAS = {
     # torch is the oracle for the model tests and the peer in bench/; 2.13.0 is the CPU wheel.
     "test": ["pytest==8.4.2", "torch==2.13.0", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
-             "wandb==0.31.0"],
+             "wandb==0.31.0",
+             "gcp-storage-emulator==2026.7.19", "google-cloud-storage==3.17.2"],  # the local GCS of tests/conftest.py
     # W&B logging (config.wandb.project); tested in wandb's offline mode.
     "wandb": ["wandb==0.31.0"],
 }

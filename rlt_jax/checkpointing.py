@@ -22,7 +22,7 @@ import warnings
 
 import jax
 
-from rlt_jax import distributed, run_config
+from rlt_jax import distributed, run_config, storage
 
 _log = logging.getLogger("rlt_jax")
 _orbax_log = logging.getLogger("rlt_jax.orbax")
@@ -132,7 +132,7 @@ class Checkpointer:
   def __init__(self, directory: str, keep: int, *, config=None):
     import orbax.checkpoint as ocp
     self._ocp = ocp
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.abspath(directory)  # a URL (gs://...) as it is: orbax writes it directly
     self.config = config
     self._pending = None  # the step whose write may still be in flight
     self._failed = None   # the CheckpointError of a failed write (raised once)
@@ -200,7 +200,7 @@ class Checkpointer:
     _log.debug("writing checkpoint step %d in %s failed", step, self.directory, exc_info=e)
     _ORBAX_ERRORS.pop()
     try:  # the step directories on disk (orbax's own list already dropped the steps it meant to delete)
-      kept = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit() and int(n) != step)
+      kept = sorted(int(n) for n in storage.listdir(self.directory) if n.isdigit() and int(n) != step)
     except OSError:
       kept = []
     fix = "free space or make the directory writable, then run the same command again"
@@ -276,10 +276,10 @@ class Checkpointer:
 
   def _saved_config(self, step: int) -> dict | None:
     """The run config saved with `step`; None for a step written before run configs were saved with checkpoints."""
-    item = os.path.join(self.directory, str(step), "config")
-    if not os.path.isdir(item):
+    item = storage.join(self.directory, str(step), "config")
+    if not storage.isdir(item):
       return None
-    with open(os.path.join(item, CONFIG_FILE)) as f:
+    with storage.open_file(storage.join(item, CONFIG_FILE)) as f:
       return json.load(f)
 
   def _steps_field(self, steps: int) -> str:
@@ -293,12 +293,12 @@ class Checkpointer:
     dest = self.directory + UNREADABLE_SUFFIX
     if jax.process_index() == 0:
       for step in steps:
-        target, n = os.path.join(dest, str(step)), 1
-        while os.path.exists(target):
-          target, n = os.path.join(dest, f"{step}.{n}"), n + 1
+        target, n = storage.join(dest, str(step)), 1
+        while storage.exists(target):
+          target, n = storage.join(dest, f"{step}.{n}"), n + 1
         try:
-          os.makedirs(dest, exist_ok=True)
-          os.replace(os.path.join(self.directory, str(step)), target)
+          storage.makedirs(dest)
+          storage.move(storage.join(self.directory, str(step)), target)
         except OSError as e:
           raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read, nor moved to {dest} "
                                 f"({failure_reason(e)}): move it away yourself, then run again") from e

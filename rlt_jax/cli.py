@@ -19,15 +19,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlt_jax import data, distributed, preemption, run_config
+from rlt_jax import data, distributed, preemption, run_config, storage
 
 
 def print_summary(workdir: str, start: int, steps: int) -> None:
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, "metrics.jsonl")
+  path = storage.join(workdir, "metrics.jsonl")
   rows = []
-  with open(path, encoding="utf-8", errors="replace") as f:
+  with storage.open_file(path, encoding="utf-8", errors="replace") as f:
     for n, line in enumerate(f, 1):
       try:
         row = json.loads(line)
@@ -171,6 +171,8 @@ def check_workdir(path: str, flag: str) -> None:
   where = f"{flag}={path}"
   if not path:
     raise WorkdirError(f"{flag}='': must name a directory")
+  if storage.is_url(path):
+    return _check_bucket(path, where)
   probe = os.path.join(path, f".rlt_jax_probe.{socket.gethostname()}.{os.getpid()}")
   try:
     os.makedirs(path, exist_ok=True)
@@ -194,6 +196,16 @@ def check_workdir(path: str, flag: str) -> None:
     else:
       why = f"cannot be created or written: {e.strerror or e}"
     raise WorkdirError(f"{where}: {why}") from e
+
+
+def _check_bucket(url: str, where: str) -> None:
+  """A workdir URL: a probe object written and deleted (the bucket exists and takes writes)."""
+  probe = storage.join(url, f".rlt_jax_probe.{socket.gethostname()}.{os.getpid()}")
+  try:
+    storage.write_text(probe, "probe\n")
+    storage.remove(probe)
+  except Exception as e:  # noqa: BLE001 -- fsspec's errors differ by backend (no bucket, no permission, no network)
+    raise WorkdirError(f"{where}: cannot be written: {_first_line(e)}") from e
 
 
 def _parents(path: str) -> list[str]:

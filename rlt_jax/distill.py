@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlt_jax import cli, data, data_survey, formats, loading, loop, run_config, sources, train
+from rlt_jax import cli, data, data_survey, formats, loading, loop, run_config, sources, storage, train
 
 ConfigError = run_config.ConfigError
 _log = logging.getLogger("rlt_jax")
@@ -218,11 +218,16 @@ def run(cfg, workdir: str) -> dict:
   cfg.batch_size = int(cfg.distill.items_per_batch) * cfg.group_size
   cfg.grpo.micro_batches = 1
   rs = loading.setup(cfg, workdir, training=False)
-  paths = {name: os.path.join(workdir, f"{name}.jsonl") for name in ("distill", "skipped")}
+  # A bucket workdir: both files are appended to on this machine and uploaded whole after every batch (an object
+  # store has no append; an upload is all or nothing, so no line is ever torn there).
+  scratch = storage.scratch_dir(workdir) if storage.is_url(workdir) else None
+  mirrors = {name: storage.Mirror(storage.join(workdir, f"{name}.jsonl"), scratch) for name in ("distill", "skipped")}
+  paths = {name: m.local for name, m in mirrors.items()}
   done = _jsonl_done(paths["distill"]) | _jsonl_done(paths["skipped"])
   items, skipped = read_items(cfg, rs.fmt)
   rs.row_prompts.check([it["system"] for it in items])  # rows with a prompt of their own other than the student's
   _append(paths["skipped"], [s for s in skipped if s["index"] not in done])
+  _sync(mirrors)
   done |= {s["index"] for s in skipped}
   todo = [it for it in items if it["index"] not in done]
   total = len(items) + len(skipped)
@@ -233,16 +238,27 @@ def run(cfg, workdir: str) -> dict:
     out = _explain(rs, rs.teacher_params, chunk, chunk[0]["index"])
     _append(paths["distill"], [r for kind, r in out if kind == "rows"])
     _append(paths["skipped"], [r for kind, r in out if kind == "skipped"])
+    _sync(mirrors)
     bar.update(len(chunk))
   bar.close()
   counts = {name: len(_jsonl_done(p)) for name, p in paths.items()}
   if counts["distill"] + counts["skipped"] != total:
     raise RuntimeError(f"distill: {counts} items written, {total} expected (a concurrent run in {workdir}?)")
+  _sync(mirrors)  # the torn or damaged lines _jsonl_done cut off
   if cfg.distill.export_dataset:
-    _export(paths["distill"], os.path.join(workdir, "dataset"))
-  print(f"\nrlt_jax.distill: {counts['distill']} rows in {paths['distill']}, {counts['skipped']} skipped "
-        f"({paths['skipped']})")
+    if scratch:  # written here, then uploaded file by file (a save_to_disk folder is flat)
+      _export(paths["distill"], os.path.join(scratch, "dataset"))
+      storage.upload_dir(os.path.join(scratch, "dataset"), storage.join(workdir, "dataset"))
+    else:
+      _export(paths["distill"], os.path.join(workdir, "dataset"))
+  print(f"\nrlt_jax.distill: {counts['distill']} rows in {mirrors['distill'].path}, {counts['skipped']} skipped "
+        f"({mirrors['skipped'].path})")
   return dict(rows=counts["distill"], skipped=counts["skipped"], total=total)
+
+
+def _sync(mirrors: dict) -> None:
+  for m in mirrors.values():
+    m.sync()
 
 
 def _export(jsonl: str, directory: str) -> None:

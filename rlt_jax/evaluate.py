@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import time
 
@@ -41,7 +40,7 @@ import numpy as np
 import tqdm
 
 from rlt_jax import (choices, cli, data, data_survey, formats, grading, hf_checkpoint, loading, rows, run_config,
-                     sampling, sharding, sources)
+                     sampling, sharding, sources, storage)
 
 _log = logging.getLogger("rlt_jax")
 ConfigError = run_config.ConfigError
@@ -102,7 +101,7 @@ def _benchmark_specs(cfg) -> list[tuple[str, str]]:
       raise ConfigError(f"{where}: the name {name!r} is used twice")
     seen.add(name)
     path = str(data.SAMPLE_PATH) if path in SAMPLE_NAMES else path
-    if not os.path.exists(path):
+    if not storage.exists(path):
       raise ConfigError(f"{where}: file {path!r} does not exist")
     out.append((name, path))
   return out
@@ -124,10 +123,10 @@ def validate(cfg) -> list[tuple[str, str]]:
     need(cfg[f] in _DTYPES, f, f"must be one of {_DTYPES}")
   need(bool(cfg.model_path) or cfg.tiny_models, "model_path",
        "is required (a Hugging Face model directory), unless config.tiny_models=True")
-  need(not cfg.model_path or os.path.isdir(cfg.model_path), "model_path", "is not a directory")
-  need(not cfg.model_path or os.path.isfile(os.path.join(cfg.model_path, "config.json")), "model_path",
+  need(not cfg.model_path or storage.isdir(cfg.model_path), "model_path", "is not a directory")
+  need(not cfg.model_path or storage.isfile(storage.join(cfg.model_path, "config.json")), "model_path",
        "has no config.json (a Hugging Face model directory is expected)")
-  need(not cfg.tokenizer_path or os.path.isdir(cfg.tokenizer_path), "tokenizer_path", "is not a directory")
+  need(not cfg.tokenizer_path or storage.isdir(cfg.tokenizer_path), "tokenizer_path", "is not a directory")
   layout = "mesh / config.sharding_rules"  # one error names both fields
   c.call(layout, lambda: [int(v) for v in cfg.mesh.values()])
   c.call(layout, sharding.normalize_rules, cfg.sharding_rules or sharding.DEFAULT_RULES)
@@ -243,7 +242,7 @@ def _evaluate_benchmark(cfg, name: str, problems: list[dict], model_config, para
   rates, lengths, truncated = [], [], 0
   bar = tqdm.tqdm(total=len(problems), desc=name, unit="problem", disable=jax.process_index() != 0,
                   dynamic_ncols=True)
-  with open(out_path, "w") as out:
+  with storage.open_file(out_path, "w") as out:  # a URL: one object, uploaded whole when complete
     for start in range(0, len(problems), B):
       chunk = problems[start: start + B]
       # A short last batch is filled with copies of its first prompt: one input shape, one compile.
@@ -300,8 +299,9 @@ def run(cfg, workdir: str) -> dict:
   """Evaluates the model of `cfg` on every benchmark; writes the outputs under `workdir`; returns results.json."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
   benchmarks = validate(cfg)
-  os.makedirs(workdir, exist_ok=True)
-  model_path, tok_path = cfg.model_path, cfg.tokenizer_path or cfg.model_path
+  storage.makedirs(workdir)
+  model_path = loading.model_dir(cfg.model_path)  # a bucket's model: its copy in the local cache
+  tok_path = loading.model_dir(cfg.tokenizer_path) or model_path
   if not model_path:  # the tiny student, built the way the tiny RL run builds it
     paths = loading.tiny_model_paths(cfg, workdir)
     model_path, tok_path = paths["student"], cfg.tokenizer_path or paths["tokenizer"]
@@ -326,21 +326,19 @@ def run(cfg, workdir: str) -> dict:
                  cfg.max_prompt_len + cfg.max_new_tokens, model_config.max_position_embeddings)
   _log.info("evaluate: %s; KV cache per sampler call up to %.2f GiB", model_path, sampling.kv_cache_bytes(
       model_config, cfg.batch_size, cfg.max_prompt_len, cfg.max_new_tokens, cfg.num_samples) / 2**30)
-  results = {"model_path": model_path, "student_system": fmt.student_system, "temperature": cfg.temperature,
-             "top_p": cfg.top_p, "num_samples": cfg.num_samples, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
-             "benchmarks": {}}
+  results = {"model_path": cfg.model_path or model_path, "student_system": fmt.student_system,
+             "temperature": cfg.temperature, "top_p": cfg.top_p, "num_samples": cfg.num_samples,
+             "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "benchmarks": {}}
   for b, ((name, path), (problems, skipped)) in enumerate(zip(benchmarks, loaded)):
     t0 = time.perf_counter()
     key = jax.random.fold_in(jax.random.key(cfg.seed), b)
     r = _evaluate_benchmark(cfg, name, problems, model_config, params, fmt, mesh, rules, key,
-                            os.path.join(workdir, f"{name}.jsonl"))
+                            storage.join(workdir, f"{name}.jsonl"))
     results["benchmarks"][name] = dict(r, path=path, skipped=skipped, seconds=time.perf_counter() - t0)
   table = markdown_table(results)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(table)
-  print("\n" + table + f"\nrlt_jax.evaluate: results in {os.path.join(workdir, 'results.json')}")
+  storage.write_text(storage.join(workdir, "results.json"), json.dumps(results, indent=2))
+  storage.write_text(storage.join(workdir, "results.md"), table)
+  print("\n" + table + f"\nrlt_jax.evaluate: results in {storage.join(workdir, 'results.json')}")
   return results
 
 

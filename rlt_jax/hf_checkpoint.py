@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from rlt_jax import precision, sharding
+from rlt_jax import precision, sharding, storage
 from rlt_jax.models import qwen2
 from rlt_jax.models.config import ModelConfig
 
@@ -171,10 +171,14 @@ def save_hf(config: ModelConfig, params, path: str | os.PathLike, *, max_shard_b
 
   `dtype` ("float32", "bfloat16", ...): the tensors' dtype in the files (default: the params' own, e.g. the fp32
   masters of a mixed-precision run), also written as the config's `torch_dtype`.
-  Every process must call it (multi-host arrays are gathered); only process 0 writes.
+  Every process must call it (multi-host arrays are gathered); only process 0 writes. A URL `path` (gs://...): each
+  file is written to a local staging directory (`storage.scratch_dir`), uploaded, then deleted there, so the disk
+  holds at most one shard at a time.
   """
   path = os.fspath(path)
   writer = jax.process_index() == 0
+  url, path = (path, storage.scratch_dir(path)) if storage.is_url(path) else (None, path)
+  publish = (lambda name: _publish(path, url, name)) if url and writer else (lambda name: None)
   if dtype:
     config = config.replace(param_dtype=dtype)  # validates the name
   else:
@@ -203,21 +207,33 @@ def save_hf(config: ModelConfig, params, path: str | os.PathLike, *, max_shard_b
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
       json.dump(config.to_hf_dict(), f, indent=2)
+    publish("config.json")
     for stale in (SAFE_NAME, INDEX_NAME):
-      if os.path.exists(os.path.join(path, stale)):
-        os.remove(os.path.join(path, stale))
+      if storage.exists(storage.join(url or path, stale)):
+        storage.remove(storage.join(url or path, stale))
   names = [SAFE_NAME] if len(shards) == 1 else [
       f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
   weight_map = {}
   for fn, shard in zip(names, shards):
     _write_safetensors(os.path.join(path, fn), shard, writer)
+    publish(fn)
     weight_map.update({e[0]: fn for e in shard})
   if writer and len(shards) > 1:
     total = sum(int(np.prod(e[1])) * e[2].itemsize for e in entries)
     with open(os.path.join(path, INDEX_NAME), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    publish(INDEX_NAME)
   if writer and tokenizer is not None:
     tokenizer.save_pretrained(path)
+    if url:
+      for name in sorted(os.listdir(path)):
+        publish(name)
+
+
+def _publish(local_dir: str, url: str, name: str) -> None:
+  """Uploads local_dir/name to url/name and deletes the local file (an export to a bucket)."""
+  storage.upload(os.path.join(local_dir, name), storage.join(url, name))
+  os.remove(os.path.join(local_dir, name))
 
 
 def _write_safetensors(file: str, entries, writer: bool) -> None:

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from rlt_jax import (data, data_survey, formats, grpo, heldout, hf_checkpoint, model_format, rewards, rows, run_config,
-                     sharding, tiny)
+                     sharding, storage, tiny)
 from rlt_jax.models import qwen2
 from rlt_jax.models.config import ModelConfig
 
@@ -74,7 +74,9 @@ def tiny_model_paths(cfg, workdir: str) -> dict[str, str]:
   several = jax.process_count() > 1
   if several and jax.process_index() != 0:
     _barrier("rlt_jax tiny models")
-  paths = tiny.ensure_assets(os.path.join(workdir, "tiny_models"), sample, format_overrides=overrides,
+  # A bucket workdir builds them on this machine's disk (they are rebuilt, seeded, wherever the run resumes).
+  base = storage.scratch_dir(workdir) if storage.is_url(workdir) else workdir
+  paths = tiny.ensure_assets(os.path.join(base, "tiny_models"), sample, format_overrides=overrides,
                              **cfg.tiny.to_dict())
   if several and jax.process_index() == 0:
     _barrier("rlt_jax tiny models")
@@ -168,9 +170,10 @@ def setup(cfg, workdir: str, *, before_loading=None, training: bool = True) -> R
   if jax.process_index() != 0:  # progress and info once, from process 0; warnings (e.g. bad rows) from every one
     logging.getLogger("rlt_jax").setLevel(logging.WARNING)
   g, r = run_config.validate(cfg, training=training)
-  os.makedirs(workdir, exist_ok=True)
-  teacher_path, student_path = cfg.teacher_path, cfg.student_path
-  tok_path = cfg.tokenizer_path or teacher_path
+  storage.makedirs(workdir)
+  # Model directories in a bucket are read from their copies in the local cache (storage.local_model_dir).
+  teacher_path, student_path = model_dir(cfg.teacher_path), model_dir(cfg.student_path)
+  tok_path = model_dir(cfg.tokenizer_path) or teacher_path
   if not teacher_path:  # the default tiny run: everything built locally, no network
     paths = tiny_model_paths(cfg, workdir)
     teacher_path, student_path, tok_path = paths["teacher"], paths["student"], paths["tokenizer"]
@@ -201,6 +204,21 @@ def setup(cfg, workdir: str, *, before_loading=None, training: bool = True) -> R
                           if isinstance(i, int) and i >= 0}))
   return RunSetup(cfg, tokenizer, fmt, mesh, rules, tc, tp, sc, sp, g, r, dataset, eos_ids,
                   make_rollout(cfg, mesh, tc, tp), model_format.RowPrompts(student_path), held)
+
+
+def model_dir(path: str) -> str:
+  """A local directory holding the model (or tokenizer) at `path`: itself, or a URL's files in the local cache,
+  copied once by process 0 first when several processes run (the others then find the copy, or make their own on a
+  disk of their own)."""
+  if not storage.is_url(path):
+    return path
+  several = jax.process_count() > 1
+  if several and jax.process_index() != 0:
+    _barrier(f"rlt_jax cache {path}")
+  local = storage.local_model_dir(path)
+  if several and jax.process_index() == 0:
+    _barrier(f"rlt_jax cache {path}")
+  return local
 
 
 def survey_data(cfg, fmt: formats.RLTFormat, *, kind: str, max_len: int, length_field: str,

@@ -119,6 +119,7 @@ def run(trainer: Trainer, *, start: int, total: int, checkpoint_every: int, ckpt
           if profile.ends_at(step):
             profile.stop()
           if save:
+            writer.flush()  # a bucket workdir's files hold every line up to the checkpoint
             with jax.transfer_guard("allow"):  # orbax reads the state back itself
               ckpt.save(step + 1, trainer.state, trainer.data_state())
             watch.checkpointed()

@@ -3,9 +3,11 @@ TensorBoard scalars, and, when `config.wandb.project` is set, Weights & Biases (
 as a table; wandb is imported only then).
 
 Only process 0 writes. On resume, lines of steps after the restored checkpoint are dropped first, so a killed and
-resumed run leaves the same files as an uninterrupted one. W&B cannot drop what it has logged: a resumed run goes on
-in the same W&B run (its id is kept in `<workdir>/wandb_run_id`), and W&B keeps the first values of the steps that
-are run again.
+resumed run leaves the same files as an uninterrupted one. A workdir URL (gs://...) has no appends: the files are
+written on this machine (`storage.Mirror`, TensorBoard events under `storage.scratch_dir`) and uploaded whole at
+`flush` (the loop flushes before every checkpoint, so a resume finds every line up to it) and `close`. W&B cannot drop what it has
+logged: a resumed run goes on in the same W&B run (its id is kept in `<workdir>/wandb_run_id`), and W&B keeps the
+first values of the steps that are run again.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import uuid
 import jax
 import numpy as np
 
-from rlt_jax import run_config
+from rlt_jax import run_config, storage
 
 WANDB_ID_FILE = "wandb_run_id"  # <workdir>/wandb_run_id: the W&B run a resumed run continues
 
@@ -63,20 +65,26 @@ class RunWriter:
 
   def __init__(self, workdir: str, *, resume_step: int = 0, config=None):
     self.active = jax.process_index() == 0
-    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
-    self.completions_path = os.path.join(workdir, "completions.jsonl")
-    self._tb = self._wandb = None
+    self._tb, self._wandb, self._mirrors, self._tb_dirs = None, None, [], None
+    self.metrics_path = storage.join(workdir, "metrics.jsonl")  # the local files written (a URL's local copies)
+    self.completions_path = storage.join(workdir, "completions.jsonl")
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
+    local = storage.scratch_dir(workdir) if storage.is_url(workdir) else None
+    self._mirrors = [storage.Mirror(p, local) for p in (self.metrics_path, self.completions_path)]
+    self.metrics_path, self.completions_path = (m.local for m in self._mirrors)
     for p in (self.metrics_path, self.completions_path):
       # A fresh start (resume_step 0) keeps nothing: not even a step-0 line (the held-out baseline), written anew.
       truncate_jsonl(p, resume_step if resume_step > 0 else -1)
     if config is not None and config.get("tensorboard", False):
       from tensorboard.summary.writer.event_file_writer import EventFileWriter
-      self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+      tb = os.path.join(local or workdir, "tensorboard")
+      self._tb = EventFileWriter(tb)
+      self._tb_dirs = (tb, storage.join(workdir, "tensorboard")) if local else None
     if config is not None and config.get("wandb") and config.wandb.project:
-      self._wandb = _start_wandb(workdir, config)
+      self._wandb = _start_wandb(workdir, local, config)
+    self.flush()
 
   def write(self, step: int, scalars: dict, **extra) -> None:
     if not self.active:
@@ -107,31 +115,44 @@ class RunWriter:
       self._wandb.log({"completions": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])},
                       step=int(rows[0]["step"]))
 
+  def flush(self) -> None:
+    """A workdir URL: uploads the files that changed (each a whole object); nothing for a local workdir."""
+    if self._tb is not None:
+      self._tb.flush()
+    self._upload()
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
     if self._wandb is not None:
       self._wandb.finish()
       self._wandb = None
+    self._upload()
+
+  def _upload(self) -> None:
+    for m in self._mirrors:
+      m.sync()
+    if self._tb_dirs:
+      storage.upload_dir(*self._tb_dirs)
 
 
-def _start_wandb(workdir: str, config):
+def _start_wandb(workdir: str, local: str | None, config):
   """wandb.init for the run in `workdir`: the id kept in <workdir>/wandb_run_id (made on the first start), so a
-  resumed run continues the same W&B run; W&B's local files go under <workdir>/wandb."""
+  resumed run continues the same W&B run; W&B's local files go under <workdir>/wandb (a workdir URL: under its
+  local scratch directory `local`)."""
   import wandb
   w = config.wandb
-  id_path = os.path.join(workdir, WANDB_ID_FILE)
-  if os.path.exists(id_path):
-    with open(id_path) as f:
+  id_path = storage.join(workdir, WANDB_ID_FILE)
+  if storage.exists(id_path):
+    with storage.open_file(id_path) as f:
       run_id = f.read().strip()
   else:
     run_id = uuid.uuid4().hex[:12]  # W&B run ids: letters and digits
-    with open(id_path + ".tmp", "w") as f:
-      f.write(run_id + "\n")
-    os.replace(id_path + ".tmp", id_path)
-  return wandb.init(project=w.project, entity=w.entity or None, name=w.name or os.path.basename(os.path.abspath(workdir)),
-                    group=w.group or None, tags=list(w.tags) or None, mode=w.mode or None, id=run_id, resume="allow",
-                    dir=workdir, config=run_config.config_json(config))
+    storage.write_text(id_path, run_id + "\n")
+  name = w.name or storage.abspath(workdir).rstrip("/").rsplit("/", 1)[-1]
+  return wandb.init(project=w.project, entity=w.entity or None, name=name, group=w.group or None,
+                    tags=list(w.tags) or None, mode=w.mode or None, id=run_id, resume="allow", dir=local or workdir,
+                    config=run_config.config_json(config))
 
 
 def completion_rows(step: int, batch: dict, examples: list, lengths, per_row: dict, group_size: int,

@@ -23,7 +23,7 @@ import os
 
 import jax
 
-from rlt_jax import formats, rows, sources
+from rlt_jax import formats, rows, sources, storage
 
 FILE = "rlt_format.json"
 VERSION = 1
@@ -51,12 +51,11 @@ def record(fmt: formats.RLTFormat, role: str, *, student_system: str | None = No
 
 def write(directory: str, fmt: formats.RLTFormat, role: str, *, student_system: str | None = None) -> str:
   """Writes `directory/rlt_format.json` (process 0; atomically, so a reader never sees half a file); its path."""
-  path = os.path.join(directory, FILE)
+  path = storage.join(directory, FILE)  # a URL: one object upload
   if jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(record(fmt, role, student_system=student_system), f, indent=2, ensure_ascii=False)
-    os.replace(path + ".tmp", path)
+    storage.makedirs(directory)
+    storage.write_text(path, json.dumps(record(fmt, role, student_system=student_system), indent=2,
+                                        ensure_ascii=False))
   return path
 
 

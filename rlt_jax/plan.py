@@ -14,11 +14,11 @@ The command line's run and its text report are `plan_report`'s.
 """
 from __future__ import annotations
 
+import json
 import math
-import os
 import re
 
-from rlt_jax import grpo, memory, optim, run_config, sharding, tiny
+from rlt_jax import grpo, memory, optim, run_config, sharding, storage, tiny
 from rlt_jax.memory import CHIPS, F32
 from rlt_jax.models.config import ModelConfig
 
@@ -65,8 +65,8 @@ def model_configs(cfg, *, model: str | None = None, config_path: str = "") -> tu
     path = cfg[field]
     if field == "student_path":
       kw = dict(kw, param_dtype=cfg.dtype)
-    if path and os.path.isfile(os.path.join(path, "config.json")):
-      out.append(ModelConfig.from_hf(path, **kw))
+    if path and storage.isfile(storage.join(path, "config.json")):
+      out.append(_hf_config(path, **kw))
       where.append(f"{field.split('_')[0]} {path}/config.json")
       continue
     name = (model.lower() if model else None) or preset_in(path) or preset_in(cfg.teacher_path) or preset_in(
@@ -246,11 +246,19 @@ def search_meshes(cfg, teacher, student, device_bytes, *, max_devices: int = 204
   return found, closest
 
 
+def _hf_config(path: str, **kw) -> ModelConfig:
+  """A model directory's config.json (a local one, or one in a bucket: only that file is read)."""
+  if not storage.is_url(path):
+    return ModelConfig.from_hf(path, **kw)
+  with storage.open_file(storage.join(path, "config.json")) as f:
+    return ModelConfig.from_hf_dict(json.load(f), source=storage.join(path, "config.json"), **kw)
+
+
 def sft_model_config(cfg, *, model: str | None = None, config_path: str = "") -> tuple[ModelConfig, str]:
   """The SFT config's model (`model_path`'s config.json, a Qwen2.5 preset, or config.tiny), with its dtypes."""
   kw = dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat)
-  if cfg.model_path and os.path.isfile(os.path.join(cfg.model_path, "config.json")) and model is None:
-    return ModelConfig.from_hf(cfg.model_path, **kw), f"model {cfg.model_path}/config.json"
+  if cfg.model_path and storage.isfile(storage.join(cfg.model_path, "config.json")) and model is None:
+    return _hf_config(cfg.model_path, **kw), f"model {cfg.model_path}/config.json"
   if cfg.tiny_models and not cfg.model_path and model is None:
     t = cfg.tiny
     return tiny.tiny_config(t.vocab_size, hidden=t.hidden, layers=t.layers, heads=t.heads, kv_heads=t.kv_heads,

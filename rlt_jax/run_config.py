@@ -12,7 +12,7 @@ import os
 import jax
 import ml_collections
 
-from rlt_jax import decode, grpo, memory, precision, rewards, sharding, sources
+from rlt_jax import decode, grpo, memory, precision, rewards, sharding, sources, storage
 
 
 class ConfigError(ValueError):
@@ -250,8 +250,8 @@ def validate(cfg, *, training: bool = True) -> tuple[grpo.GRPOConfig, rewards.Re
   check_eval(cfg, need)
   for f in ("teacher_path", "student_path", "tokenizer_path"):
     path = cfg[f]
-    need(not path or os.path.isdir(path), f, "is not a directory")
-    need(not path or f == "tokenizer_path" or os.path.isfile(os.path.join(path, "config.json")), f,
+    need(not path or storage.isdir(path), f, "is not a directory")
+    need(not path or f == "tokenizer_path" or storage.isfile(storage.join(path, "config.json")), f,
          "has no config.json (a Hugging Face model directory is expected)")
   need(bool(cfg.teacher_path) == bool(cfg.student_path), "student_path",
        "set teacher_path and student_path together (both empty builds tiny local models)")

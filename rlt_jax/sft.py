@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from rlt_jax import checkpointing, cli, data, hf_checkpoint, loading, loop, metrics, model_format, optim, preemption, \
-    preflight, run_config, sharding
+    preflight, run_config, sharding, storage
 from rlt_jax.models import logprobs
 from rlt_jax.models.config import ModelConfig
 
@@ -128,8 +128,8 @@ def validate(cfg) -> None:
   need(0 <= cfg.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
   need(cfg.lr_schedule in optim.LR_SCHEDULES, "lr_schedule", f"must be one of {optim.LR_SCHEDULES}")
   for f in ("model_path", "tokenizer_path"):
-    need(not cfg[f] or os.path.isdir(cfg[f]), f, "is not a directory")
-  need(not cfg.model_path or os.path.isfile(os.path.join(cfg.model_path, "config.json")), "model_path",
+    need(not cfg[f] or storage.isdir(cfg[f]), f, "is not a directory")
+  need(not cfg.model_path or storage.isfile(storage.join(cfg.model_path, "config.json")), "model_path",
        "has no config.json (a Hugging Face model directory is expected)")
   need(bool(cfg.model_path) or cfg.tiny_models, "model_path",
        "is required (a Hugging Face model directory), unless config.tiny_models=True")
@@ -182,7 +182,9 @@ def _empty_batch(rows: int, length: int, pad_id: int) -> dict:
 
 def _load(cfg, workdir):
   """(tokenizer, format, mesh, rules, model config, params) from the config (the tiny model when asked)."""
-  model_path, tok_path = cfg.model_path, cfg.tokenizer_path or cfg.model_path
+  # Model directories in a bucket: read from their copies in the local cache.
+  model_path = loading.model_dir(cfg.model_path)
+  tok_path = loading.model_dir(cfg.tokenizer_path) or model_path
   if not model_path:
     paths = loading.tiny_model_paths(cfg, workdir)
     model_path, tok_path = paths[cfg.kind], paths["tokenizer"]
@@ -257,7 +259,7 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   validate(cfg)
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   tokenizer, fmt, mesh, rules, mc, params = _load(cfg, workdir)
   total = int(cfg.steps) or count_steps(cfg, fmt)
   warmup = int(math.ceil(cfg.warmup_ratio * total))
@@ -280,7 +282,7 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
                       f"sequences must split over the {shards} devices of the mesh's batch axes")
   step_fn = jax.jit(lambda s, b: _sft_step(sc, optimizer, schedule, s, b), donate_argnums=0,
                     in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, config=cfg)
+  ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), cfg.keep_checkpoints, config=cfg)
   state, data_state = ckpt.restore_latest(state, resume=cfg.resume, steps=total)
   stats = data.RowStats()
   it = iter(_dataset(cfg, fmt, num_epochs=None if cfg.steps else cfg.epochs, stats=stats))
@@ -298,11 +300,11 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   if stats.total_bad:
     logging.getLogger("rlt_jax").warning("sft: rows skipped: %s", dict(stats.total_bad))
   if cfg.export_dir:
-    export(cfg, fmt, mc, state["params"], tokenizer, os.path.join(workdir, cfg.export_dir))
+    export(cfg, fmt, mc, state["params"], tokenizer, storage.join(workdir, cfg.export_dir))
   if jax.process_index() == 0 and last:
     print(f"\nrlt_jax.sft ({cfg.kind}): {total} steps, last loss {last['loss']:.4f}; rows used "
           f"{stats.total_ok}, skipped {dict(stats.total_bad) or 0}; model: "
-          f"{os.path.join(workdir, cfg.export_dir) if cfg.export_dir else '(not exported)'}")
+          f"{storage.join(workdir, cfg.export_dir) if cfg.export_dir else '(not exported)'}")
   return last
 
 

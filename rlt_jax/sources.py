@@ -23,7 +23,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from rlt_jax import rows
+from rlt_jax import rows, storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +201,20 @@ class Subset:
     return self.source[int(self._keep[i])]
 
 
+class _Located:
+  """A source read from a local copy whose records are located by the original path (a bucket's URL)."""
+
+  def __init__(self, source, local: str, name: str):
+    self.source, self.local, self.name = source, local, name
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    rec = self.source[i]
+    return RawRecord(rec.where.replace(self.local, self.name, 1), rec.payload)
+
+
 def open_source(spec, *, split: str | None = None, data_dir: str | None = None):
   """A source from a path or spec: *.jsonl, *.csv, *.parquet, *.array_record, a `save_to_disk` folder,
   "tfds:NAME:SPLIT"."""
@@ -212,6 +226,9 @@ def open_source(spec, *, split: str | None = None, data_dir: str | None = None):
     if len(parts) != 3:
       raise ValueError(f"data: TFDS spec must be tfds:NAME:SPLIT, got {s!r}")
     return TfdsSource(parts[1], parts[2], data_dir)
+  if storage.is_url(s):  # a bucket's file or save_to_disk folder: read from its copy in the local cache
+    local = storage.local_copy(s)
+    return _Located(open_source(local, split=split), local, s)
   p = pathlib.Path(s)
   if p.is_dir():
     if any((p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):

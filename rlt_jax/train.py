@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlt_jax import checkpointing, cli, data, decode, distributed, heldout, hf_checkpoint, loading, loop, metrics, \
-    model_format, optim, precision, preemption, preflight, rewards, rl_step, run_config, sampling, sharding
+    model_format, optim, precision, preemption, preflight, rewards, rl_step, run_config, sampling, sharding, storage
 
 # Held-out batch i samples with the keys of this step − i: fixed for the run (every pass sees the same randomness,
 # so the eval/* curve compares params, not draws) and never a training step's.
@@ -265,7 +265,7 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
   """
   rs = loading.setup(cfg, workdir, before_loading=preflight.check)
   state = initial_state(rs, optim.make_optimizer(rs.grpo_config.optim))
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, config=cfg)
+  ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), cfg.keep_checkpoints, config=cfg)
   state, data_state = ckpt.restore_latest(state, resume=cfg.resume, steps=cfg.steps)
   it = iter(rs.dataset)
   if data_state is not None:
@@ -283,9 +283,9 @@ def run(cfg, workdir: str, *, on_step=None) -> dict:
                   profile=loop.Profile(run_config.profile_window(cfg), os.path.join(workdir, "profile")),
                   watch=preemption.Watch(cfg.checkpoint_every_minutes))
   if cfg.export_dir:  # every process joins the gather; process 0 writes, with the format the teacher trained in
-    hf_checkpoint.save_hf(rs.teacher_config, trainer.state["params"], os.path.join(workdir, cfg.export_dir),
+    hf_checkpoint.save_hf(rs.teacher_config, trainer.state["params"], storage.join(workdir, cfg.export_dir),
                           tokenizer=rs.tokenizer, dtype=cfg.export_dtype or None)
-    model_format.write(os.path.join(workdir, cfg.export_dir), rs.fmt, "teacher")
+    model_format.write(storage.join(workdir, cfg.export_dir), rs.fmt, "teacher")
   cli.print_summary(workdir, start, cfg.steps)
   return last
 

@@ -9,6 +9,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# gcsfs's bucket-type probe (a gRPC call to the storage-control API) never answers on the local GCS emulator and
+# waits 60 s a bucket: off before gcsfs is first imported.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import jax  # noqa: E402,F401  -- reads its settings now: the cache below reaches the subprocesses only
 
@@ -85,3 +88,47 @@ def assets(tmp_path_factory):
   sample = [rows.read_row(json.loads(line)) for line in open(data.SAMPLE_PATH)]
   overrides = {k: v for k, v in cfg.format.to_dict().items() if v}
   return tiny.ensure_assets(tmp_path_factory.mktemp("assets"), sample, format_overrides=overrides, **cfg.tiny.to_dict())
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+  """A GCS emulator on localhost (gcp-storage-emulator through tests/gcs_emulator.py, in memory, a subprocess) with
+  the bucket `rlt-test`; gcsfs and tensorstore (hence orbax) talk to it through STORAGE_EMULATOR_HOST /
+  TENSORSTORE_GCS_HTTP_URL and a fake token (GOOGLE_AUTH_TOKEN_FOR_TESTING). Gives the bucket's URL; each test
+  writes under a prefix of its own. The local cache goes to a temporary folder."""
+  import socket
+  import subprocess
+  import sys
+  import time
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  log = open(tmp_path_factory.mktemp("gcs") / "emulator.log", "w")
+  proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "gcs_emulator.py"), "start", "--host", "127.0.0.1",
+                           "--port", str(port), "--in-memory", "--default-bucket", "rlt-test", "-q"],
+                          stdout=log, stderr=log)
+  deadline = time.time() + 30
+  while True:
+    try:
+      socket.create_connection(("127.0.0.1", port), 0.5).close()
+      break
+    except OSError:
+      if proc.poll() is not None or time.time() > deadline:
+        proc.kill()
+        pytest.fail(f"the GCS emulator did not start (see {log.name})")
+      time.sleep(0.1)
+  env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "TENSORSTORE_GCS_HTTP_URL": f"http://127.0.0.1:{port}",
+         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake", "RLT_JAX_CACHE": str(tmp_path_factory.mktemp("cache"))}
+  old = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  try:
+    yield "gs://rlt-test"
+  finally:
+    for k, v in old.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    proc.terminate()
+    proc.wait(10)
+    log.close()

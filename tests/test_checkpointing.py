@@ -207,6 +207,9 @@ class _Closed:
   def write(self, *a, **kw):
     pass
 
+  def flush(self):
+    pass
+
   def update(self, n):
     pass
 
