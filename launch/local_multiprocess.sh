@@ -91,7 +91,13 @@ while (( ${#live[@]} > 0 )); do
   finished=""
   code=0
   wait -n -p finished "${live[@]}" || code=$?
-  [[ -n "$finished" ]] || continue  # a trapped signal interrupted the wait: no process ended
+  if [[ -z "${finished:-}" ]]; then  # -p left it unset
+    (( code == 127 )) || continue  # a trapped signal interrupted the wait: no process ended
+    # 127: bash had already reaped the process that ended (two ending at once): plain `wait` gives its saved status.
+    finished="${live[0]}"
+    code=0
+    wait "$finished" || code=$?
+  fi
   if (( code == 75 )); then  # stopped on a signal after its checkpoint: the others stop at the same step
     stopped=1
     code=0

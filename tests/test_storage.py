@@ -98,7 +98,7 @@ def test_a_run_entirely_on_gs_killed_and_resumed_ends_as_on_local_disk(gcs, asse
     cfg.teacher_path, cfg.student_path, cfg.tokenizer_path = (f"{prefix}/{r}" for r in ("teacher", "student",
                                                                                           "tokenizer"))
     return set_fields(cfg, {"batch_size": 8, "group_size": 4, "max_new_tokens": 16, "steps": 3, "checkpoint_every": 1,
-                            "export_dir": "export", "data.path": data_path})
+                            "export_dir": "export", "data.path": data_path, "eval_every": 0, "eval.num_prompts": 0})
 
   local = tmp_path / "local"
   train.run(config(os.path.dirname(assets["teacher"]), str(data.SAMPLE_PATH)), str(local))
