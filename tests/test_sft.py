@@ -1,14 +1,16 @@
 """SFT: packing (data invariants, resumable packer, packed loss/gradients = unpacked), truncation and skipped rows,
-the step count, and a run that crashes, resumes and ends where an uninterrupted run ends."""
+the step count, and a run that crashes (or is stopped by SIGTERM), resumes and ends where an uninterrupted run ends."""
 import json
+import os
 import re
+import signal
 
 import jax
 import numpy as np
 import pytest
 
 from conftest import REPO, set_fields
-from rlt_jax import data, formats, hf_checkpoint, rows, run_config, sft
+from rlt_jax import data, formats, hf_checkpoint, preemption, rows, run_config, sft
 from rlt_jax.models import qwen2
 
 
@@ -171,6 +173,24 @@ def test_crash_and_resume_end_where_an_uninterrupted_run_ends(assets, tmp_path):
   assert a == (tmp_path / "b" / "export" / "model.safetensors").read_bytes()
   rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def test_a_signal_stops_sft_after_the_step_in_flight_and_the_restart_ends_as_the_uninterrupted_run(assets, tmp_path):
+  """SIGTERM during step 3 (step 2 is reported while it runs): step 3 finishes and is checkpointed (not a
+  checkpoint_every step), the run raises preemption.Stopped; the restart's export is the uninterrupted run's."""
+  cfg = _config(assets, steps=5, checkpoint_every=100, lr_schedule="cosine", warmup_ratio=0.2)
+  sft.run(cfg, str(tmp_path / "a"))
+
+  def signal_at(step, m):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with pytest.raises(preemption.Stopped, match="stopped on SIGTERM after step 3"):
+    sft.run(cfg, str(tmp_path / "b"), on_step=signal_at)
+  assert [d.name for d in (tmp_path / "b" / "checkpoints").iterdir() if d.name.isdigit()] == ["3"]
+  sft.run(cfg, str(tmp_path / "b"))
+  a = (tmp_path / "a" / "export" / "model.safetensors").read_bytes()
+  assert a == (tmp_path / "b" / "export" / "model.safetensors").read_bytes()
 
 
 def test_bad_config_names_the_field(assets, tmp_path):
