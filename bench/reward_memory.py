@@ -33,7 +33,7 @@ MIB = 2**20
 def setup(args, layers):
   import jax
   import jax.numpy as jnp
-  from rlt_jax.models import logprobs, qwen2
+  from rlt_jax.models import decoder, logprobs
   from rlt_jax.models.config import ModelConfig
 
   cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
@@ -43,7 +43,7 @@ def setup(args, layers):
     return logprobs.token_logprobs(cfg, params, ids, mask, temperature=0.7, chunk_size=args.chunk)
 
   def peer(params, ids, mask):
-    logits = qwen2.forward(cfg, params, ids, mask) / 0.7
+    logits = decoder.forward(cfg, params, ids, mask) / 0.7
     picked = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], axis=-1), ids[:, 1:, None], axis=-1)[..., 0]
     return jnp.concatenate([jnp.zeros((ids.shape[0], 1)), picked], axis=1)
 
@@ -51,7 +51,7 @@ def setup(args, layers):
     return jax.grad(lambda p, i, m: jnp.sum(f(p, i, m)))
 
   def body(params, ids, mask):  # the decoder alone: what any log-prob computation pays before the vocabulary side
-    return qwen2.forward_hidden(cfg, params, ids, mask)
+    return decoder.forward_hidden(cfg, params, ids, mask)
 
   return cfg, {"ours": ours, "peer": peer, "ours_grad": grad(ours), "peer_grad": grad(peer), "body": body}
 
@@ -60,9 +60,9 @@ def compiled_mib(args, layers):
   """{variant: (MiB above params, total MiB)} from XLA's memory analysis, and the params' MiB."""
   import jax
   import jax.numpy as jnp
-  from rlt_jax.models import qwen2
+  from rlt_jax.models import decoder
   cfg, fns = setup(args, layers)
-  params = qwen2.param_shapes(cfg)
+  params = decoder.param_shapes(cfg)
   param_mib = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / MIB
   ids = jax.ShapeDtypeStruct((1, args.seq), jnp.int32)
   out = {}
@@ -77,9 +77,9 @@ def rss_child(args):
   """Runs one variant once; prints the peak RSS growth during the call (MiB) as JSON."""
   import jax
   import numpy as np
-  from rlt_jax.models import qwen2
+  from rlt_jax.models import decoder
   cfg, fns = setup(args, args.layers)
-  params = qwen2.init_params(cfg, jax.random.PRNGKey(0))
+  params = decoder.init_params(cfg, jax.random.PRNGKey(0))
   ids = np.random.RandomState(0).randint(0, args.vocab, (1, args.seq)).astype(np.int32)
   mask = np.ones_like(ids)
   f = jax.jit(fns[args.rss_child]).lower(params, ids, mask).compile()
@@ -133,7 +133,7 @@ def main():
       o, p = mib["ours" + kind], mib["peer" + kind]
       print(f"  {'forward' if not kind else 'gradient':8s} ours={o[0]:9.1f} peer={p[0]:9.1f} ratio={p[0] / o[0]:6.1f}"
             f"   (totals {o[1]:.1f} / {p[1]:.1f} MiB)")
-    print(f"  model body alone (qwen2.forward_hidden, forward): {mib['body'][2]:.1f} MiB of temps + outputs")
+    print(f"  model body alone (decoder.forward_hidden, forward): {mib['body'][2]:.1f} MiB of temps + outputs")
     if layers == args.layers:
       result = (mib["ours"][0], mib["peer"][0])
   variants = ([] if args.no_rss else ["ours"]) + (["peer"] if args.run_peer else [])

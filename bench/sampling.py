@@ -6,7 +6,8 @@
   bash bench/setup_tunix.sh    # once, for the Tunix peer of --spread (its own virtualenv)
 
 Default: prefill + decode of `--new` tokens for `--batch` prompts, eos ignored so ours and transformers `generate`
-produce the same tokens; greedy by default. The model has hidden 256 and 4 layers (`--tiny`: configs/tiny.py's shape).
+produce the same tokens; greedy by default. "functions" (default and --spread) is the same sampler running the
+decoder as the plain functions the Flax modules replaced (bench/functional_qwen2.py): the modules' cost, 1.0 when free. The model has hidden 256 and 4 layers (`--tiny`: configs/tiny.py's shape).
 
 --capacity: rows stop at eos (8 of the 1,024 ids; the random model's near-uniform softmax makes lengths geometric,
 mean about 128) and the key is chosen so every row stops within 512 tokens; the same call at max_new_tokens 512 and
@@ -36,6 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common import best_of, matmul_peak_flops, torch_threads  # noqa: E402
+from functional_qwen2 import functional  # noqa: E402
 from hf_models import make_hf_model  # noqa: E402
 from rlt_jax import hf_checkpoint, sampling  # noqa: E402
 from rlt_jax.decode import WHOLE, Schedule  # noqa: E402
@@ -72,9 +74,12 @@ def fixed_length(args, config, params, hf):
   greedy = args.temperature == 0
   rng = jax.random.key(0)
 
-  def ours():
+  def ours(config=config):
     return jax.block_until_ready(sampling.sample(config, params, ids, mask, rng, max_new_tokens=N,
                                                  temperature=args.temperature))
+
+  def functions():
+    return ours(functional(config))
 
   def peer():
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=args.temperature, top_k=None)
@@ -84,15 +89,18 @@ def fixed_length(args, config, params, hf):
   t0 = time.perf_counter()
   out = ours()  # compile outside the timing
   compile_s = time.perf_counter() - t0
+  assert np.array_equal(np.asarray(functions().tokens), np.asarray(out.tokens)), "Flax and functions disagree"
   ref = peer()
   if greedy:
     agree = float((np.asarray(out.tokens) == ref[:, P:].numpy()).mean())
     print(f"greedy agreement with transformers: {agree:.3f} of tokens")
-  t = best_of({"ours": ours, "peer": peer}, args.repeats)
-  ours_tps, peer_tps = B * N / t["ours"], B * N / t["peer"]
-  print(f"batch {B}, prompt {P}, {N} new tokens, {'greedy' if greedy else f'T={args.temperature}'}; ours "
-        f"{t['ours'] * 1e3:.1f} ms (compile {compile_s:.1f} s), transformers generate {t['peer'] * 1e3:.1f} ms")
-  print(f"RESULT sampling ours={ours_tps:.0f} peer={peer_tps:.0f} ratio={ours_tps / peer_tps:.2f}")
+  t = best_of({"ours": ours, "functions": functions, "peer": peer}, args.repeats)
+  ours_tps, fn_tps, peer_tps = B * N / t["ours"], B * N / t["functions"], B * N / t["peer"]
+  print(f"batch {B}, prompt {P}, {N} new tokens, {'greedy' if greedy else f'T={args.temperature}'}; ours (Flax) "
+        f"{t['ours'] * 1e3:.1f} ms (compile {compile_s:.1f} s), functions {t['functions'] * 1e3:.1f} ms, "
+        f"transformers generate {t['peer'] * 1e3:.1f} ms")
+  print(f"RESULT sampling ours={ours_tps:.0f} functions={fn_tps:.0f} peer={peer_tps:.0f} "
+        f"flax_over_functions={ours_tps / fn_tps:.2f} ratio={ours_tps / peer_tps:.2f}")
 
 
 def capacity(args, config, params):
@@ -127,7 +135,7 @@ def spread(args, config, params, hf, model_dir):
   key = jax.random.key(0)
   ours_out = {}
 
-  def ours(schedule, name):
+  def ours(schedule, name, config=config):
     def run():
       ours_out[name] = jax.block_until_ready(sampling.sample(config, params, ids, mask, key, max_new_tokens=T,
                                                              temperature=1.0, num_samples=M, eos_ids=eos,
@@ -144,11 +152,13 @@ def spread(args, config, params, hf, model_dir):
     stop = np.isin(out, eos)
     hf_tokens["n"] = int(np.where(stop.any(1), stop.argmax(1) + 1, out.shape[1]).sum())
 
-  runs = {"ours": ours(Schedule(), "ours"), "whole": ours(WHOLE, "whole"), "transformers": peer}
+  runs = {"ours": ours(Schedule(), "ours"), "functions": ours(Schedule(), "functions", functional(config)),
+          "whole": ours(WHOLE, "whole"), "transformers": peer}
   for f in runs.values():
     f()  # compile / warm up
   t = best_of(runs, args.repeats)
-  tokens = {k: float(np.asarray(ours_out[k].lengths).sum()) for k in ("ours", "whole")}
+  tokens = {k: float(np.asarray(ours_out[k].lengths).sum()) for k in ("ours", "functions", "whole")}
+  assert np.array_equal(np.asarray(ours_out["functions"].tokens), np.asarray(ours_out["ours"].tokens))
   tokens["transformers"] = hf_tokens["n"]
   tps = {k: tokens[k] / t[k] for k in runs}
   lengths = np.asarray(ours_out["ours"].lengths)
@@ -172,7 +182,7 @@ def spread(args, config, params, hf, model_dir):
     print(f"  {k:<13} {t[k]:7.2f} s  {tokens[k]:8.0f} tokens  {tps[k]:8.0f} tokens/s   ours / it "
           f"{tps['ours'] / tps[k]:.2f}x")
   print("RESULT spread " + " ".join(f"{k}={v:.0f}" for k, v in tps.items()) +
-        f" ours_over_whole={tps['ours'] / tps['whole']:.2f}")
+        f" ours_over_whole={tps['ours'] / tps['whole']:.2f} flax_over_functions={tps['ours'] / tps['functions']:.2f}")
 
 
 def main():

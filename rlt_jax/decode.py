@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from rlt_jax import sharding
-from rlt_jax.models import qwen2
+from rlt_jax.models import decoder
 from rlt_jax.models.config import ModelConfig
 
 _MASKED = -1e30  # finite, so masking never makes NaN; every decode query sees at least itself
@@ -116,8 +116,7 @@ def kv_cache_bytes(config: ModelConfig, batch: int, prompt_len: int, max_new_tok
 
 # ------------------------------------------------------------------------------------------------------ model pieces
 def _last_logits(config: ModelConfig, params, x_B1D):
-  h = qwen2.rms_norm(x_B1D, params["final_norm"]["scale"], config.rms_norm_eps)
-  return qwen2.lm_head(config, params, h)[:, 0]
+  return decoder.head(config, params, x_B1D)[:, 0]
 
 
 _CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", None)
@@ -130,17 +129,17 @@ def prefill(config: ModelConfig, params, prompt_ids, prompt_mask) -> tuple[Promp
   """Runs left-padded prompts [B, P] once: their cache and the fp32 logits [B, V] of the first new token."""
   ids_BP = jnp.asarray(prompt_ids, jnp.int32)
   mask_BP = jnp.asarray(prompt_mask).astype(bool)
-  cos, sin = qwen2.rope_cos_sin(qwen2.positions_from_mask(mask_BP), config.head_dim, config.rope_theta)
+  cos, sin = decoder.rope(config, decoder.positions_from_mask(mask_BP))
   # Long prompts (RLT prompts hold the whole solution) take the blocked attention, no [B, H, P, P] scores. Its
   # padding rows' keys/values differ from the dense path's, but decode never attends to them.
-  mask = qwen2.self_attention_mask(config, mask_BP)
-  attend = lambda q, k, v: qwen2.self_attention(config, q, k, v, mask)  # noqa: E731
+  mask = decoder.self_attention_mask(config, mask_BP)
+  attend = lambda q, k, v: decoder.self_attention(config, q, k, v, mask)  # noqa: E731
 
   def body(x, lp):
-    x, k, v = qwen2.decoder_block(config, lp, x, cos, sin, attend)
+    x, k, v = decoder.layer(config, lp, x, cos, sin, attend)
     return x, (k, v)
 
-  x, (k, v) = jax.lax.scan(body, qwen2.embed_tokens(config, params, ids_BP), params["layers"])
+  x, (k, v) = jax.lax.scan(body, decoder.embed_tokens(config, params, ids_BP), params["layers"])
   cache = PromptCache(sharding.constrain(k, _CACHE_AXES), sharding.constrain(v, _CACHE_AXES), mask_BP,
                       mask_BP.sum(-1).astype(jnp.int32))
   # Left padding puts every prompt's last real token in the last column.
@@ -191,8 +190,8 @@ def _decode_step(config: ModelConfig, params, caches, pmask_BP, tok_R, pos_R, sl
   pk, pv, gk, gv = caches
   L, Z, _, K, _, E = gk.shape
   P = pk.shape[4]
-  x = qwen2.embed_tokens(config, params, tok_R[:, None])
-  cos, sin = qwen2.rope_cos_sin(pos_R[:, None], config.head_dim, config.rope_theta)
+  x = decoder.embed_tokens(config, params, tok_R[:, None])
+  cos, sin = decoder.rope(config, pos_R[:, None])
   gvisible_W = jnp.arange(window) < slot  # slots 0 … slot−1 hold earlier generated tokens
 
   def cut(c, l, rows, length):
@@ -204,7 +203,7 @@ def _decode_step(config: ModelConfig, params, caches, pmask_BP, tok_R, pos_R, sl
     attend = functools.partial(_cached_attention, pk_BKPE=cut(pk, l, groups, P), pv_BKPE=cut(pv, l, groups, P),
                                pmask_BP=pmask_BP, gk_RKWE=cut(gk, l, n, window), gv_RKWE=cut(gv, l, n, window),
                                gvisible_W=gvisible_W)
-    x, k, v = qwen2.decoder_block(config, lp, x, cos, sin, attend)
+    x, k, v = decoder.layer(config, lp, x, cos, sin, attend)
     return x, (k, v)
 
   # The caches are read-only inside the layer loop and written once after it, for all layers: carried through the

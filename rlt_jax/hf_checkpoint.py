@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import ml_dtypes
@@ -19,8 +17,9 @@ import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from rlt_jax import precision, sharding, storage
-from rlt_jax.models import qwen2
+from rlt_jax.models import decoder
 from rlt_jax.models.config import ModelConfig
+from rlt_jax.models.family import family_of
 
 _ST_TO_NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -50,42 +49,6 @@ class SafetensorsFile:
     start, end = info["data_offsets"]
     raw = self._mm[self._data_start + start:self._data_start + end]
     return raw.view(_ST_TO_NP[info["dtype"]]).reshape(info["shape"])
-
-
-class _Tensor(NamedTuple):
-  """How one param maps to Hugging Face tensors (one per layer when `per_layer`)."""
-  path: tuple[str, ...]
-  hf_name: str
-  per_layer: bool
-  to_ours: Callable[[np.ndarray], np.ndarray]   # view -> view, no copy
-  to_hf: Callable[[np.ndarray], np.ndarray]
-
-
-def _layout(config: ModelConfig) -> list[_Tensor]:
-  H, K, E, D = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
-  ident = lambda w: w  # noqa: E731
-  tr = lambda w: w.T  # noqa: E731
-  L = "model.layers.{}."
-  out = [_Tensor(("embed", "embedding"), "model.embed_tokens.weight", False, ident, ident),
-         _Tensor(("final_norm", "scale"), "model.norm.weight", False, ident, ident),
-         _Tensor(("layers", "input_norm", "scale"), L + "input_layernorm.weight", True, ident, ident),
-         _Tensor(("layers", "post_attn_norm", "scale"), L + "post_attention_layernorm.weight", True, ident, ident)]
-  for name, heads in (("q_proj", H), ("k_proj", K), ("v_proj", K)):
-    out.append(_Tensor(("layers", "attn", name, "kernel"), L + f"self_attn.{name}.weight", True,
-                       lambda w, n=heads: w.reshape(n, E, D).transpose(2, 0, 1),
-                       lambda a, n=heads: a.transpose(1, 2, 0).reshape(n * E, D)))
-    if config.qkv_bias:
-      out.append(_Tensor(("layers", "attn", name, "bias"), L + f"self_attn.{name}.bias", True,
-                         lambda w, n=heads: w.reshape(n, E), lambda a, n=heads: a.reshape(n * E)))
-  out.append(_Tensor(("layers", "attn", "o_proj", "kernel"), L + "self_attn.o_proj.weight", True,
-                     lambda w: w.reshape(D, H, E).transpose(1, 2, 0), lambda a: a.transpose(2, 0, 1).reshape(D, H * E)))
-  if config.o_bias:
-    out.append(_Tensor(("layers", "attn", "o_proj", "bias"), L + "self_attn.o_proj.bias", True, ident, ident))
-  for name in ("gate_proj", "up_proj", "down_proj"):
-    out.append(_Tensor(("layers", "mlp", name, "kernel"), L + f"mlp.{name}.weight", True, tr, tr))
-  if not config.tie_word_embeddings:
-    out.append(_Tensor(("lm_head", "kernel"), "lm_head.weight", False, tr, tr))
-  return out
 
 
 def _get(tree, path):
@@ -126,9 +89,9 @@ def load_hf(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: str | N
   if dtype is not None:
     config = config.replace(param_dtype=dtype)
   files = _open_files(path)
-  shapes = qwen2.param_shapes(config)
+  shapes = decoder.param_shapes(config)
   if mesh is not None:
-    shardings = sharding.tree_shardings(qwen2.param_logical_axes(config), shapes, mesh, rules, on_indivisible)
+    shardings = sharding.tree_shardings(decoder.param_logical_axes(config), shapes, mesh, rules, on_indivisible)
   else:
     device = jax.local_devices()[0]
     shardings = jax.tree.map(lambda _: SingleDeviceSharding(device), shapes)
@@ -139,7 +102,7 @@ def load_hf(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: str | N
     return files[name].get(name)
 
   params: dict = {}
-  for t in _layout(config):
+  for t in family_of(config).hf_tensors(config):
     shape, target = _get(shapes, t.path), _get(shapes, t.path).dtype
     names = [t.hf_name.format(i) for i in range(config.num_layers)] if t.per_layer else [t.hf_name]
     views = [t.to_ours(source(n)) for n in names]
@@ -184,7 +147,7 @@ def save_hf(config: ModelConfig, params, path: str | os.PathLike, *, max_shard_b
   else:
     config = config.replace(param_dtype=str(jax.tree.leaves(params)[0].dtype))
   entries = []  # (hf name, shape, dtype, thunk)
-  for t in _layout(config):
+  for t in family_of(config).hf_tensors(config):
     arr = _get(params, t.path)
     dt = precision.numpy_dtype(config.param_dtype)
     if t.per_layer:
@@ -263,7 +226,7 @@ def _write_safetensors(file: str, entries, writer: bool) -> None:
 
 def shard_params(params, mesh: Mesh, config: ModelConfig, rules=None, on_indivisible: str = "replicate"):
   """Places an existing params tree on `mesh` by the sharding rules."""
-  shardings = sharding.tree_shardings(qwen2.param_logical_axes(config), params, mesh, rules, on_indivisible)
+  shardings = sharding.tree_shardings(decoder.param_logical_axes(config), params, mesh, rules, on_indivisible)
   return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
 
 

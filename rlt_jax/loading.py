@@ -19,7 +19,7 @@ import numpy as np
 
 from rlt_jax import (data, data_survey, formats, grpo, heldout, hf_checkpoint, model_format, rewards, rows, run_config,
                      sharding, storage, tiny)
-from rlt_jax.models import qwen2
+from rlt_jax.models import decoder
 from rlt_jax.models.config import ModelConfig
 
 _log = logging.getLogger("rlt_jax")
@@ -59,7 +59,7 @@ def make_rollout(cfg, mesh, teacher_config: ModelConfig, teacher_params) -> Roll
   tensor = c.call("rollout_tensor", sharding.rollout_tensor, mesh, teacher_config.num_heads,
                   teacher_config.num_kv_heads, int(cfg.rollout_tensor))
   rmesh = sharding.rollout_mesh(mesh, tensor)
-  return Rollout(rmesh, rules, sharding.tree_shardings(qwen2.param_logical_axes(teacher_config), teacher_params,
+  return Rollout(rmesh, rules, sharding.tree_shardings(decoder.param_logical_axes(teacher_config), teacher_params,
                                                        rmesh, rules))
 
 

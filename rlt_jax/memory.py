@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import AbstractMesh
 
 from rlt_jax import decode, optim, sharding
-from rlt_jax.models import qwen2
+from rlt_jax.models import decoder
 from rlt_jax.models.config import ModelConfig
 
 MiB, GiB = 2**20, 2**30
@@ -93,7 +93,7 @@ def params_device_bytes(config: ModelConfig, mesh, rules) -> int:
   """Bytes of one device's shard of the params, as `hf_checkpoint.load_hf(..., mesh=mesh)` places them."""
   with quiet_sharding():
     sizes = jax.tree.map(lambda names, s: _local_size(s.shape, names, mesh, rules) * s.dtype.itemsize,
-                         qwen2.param_logical_axes(config), qwen2.param_shapes(config),
+                         decoder.param_logical_axes(config), decoder.param_shapes(config),
                          is_leaf=lambda x: isinstance(x, tuple))
   return sum(jax.tree.leaves(sizes))
 
@@ -101,9 +101,9 @@ def params_device_bytes(config: ModelConfig, mesh, rules) -> int:
 @functools.lru_cache(maxsize=16)
 def _opt_state_leaves(config: ModelConfig, optim_config: optim.OptimConfig) -> tuple:
   """(logical axes or None, shape, itemsize) of every AdamW state leaf, from optax's own init traced abstractly."""
-  state = jax.eval_shape(optim.make_optimizer(optim_config).init, qwen2.param_shapes(config))
+  state = jax.eval_shape(optim.make_optimizer(optim_config).init, decoder.param_shapes(config))
   axes = {tuple(k.key for k in path): names for path, names in jax.tree_util.tree_flatten_with_path(
-      qwen2.param_logical_axes(config), is_leaf=lambda x: isinstance(x, tuple))[0]}
+      decoder.param_logical_axes(config), is_leaf=lambda x: isinstance(x, tuple))[0]}
   out = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
     keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))  # mu/nu mirror the params tree
@@ -149,8 +149,8 @@ def dims(config: ModelConfig, mesh, rules) -> Dims:
   layer = config.replace(num_layers=1)
   with quiet_sharding():
     per_layer = sum(_local_size(s.shape, n, gathered, rules) for n, s in zip(
-        jax.tree.leaves(qwen2.param_logical_axes(layer)["layers"], is_leaf=lambda x: isinstance(x, tuple)),
-        jax.tree.leaves(qwen2.param_shapes(layer)["layers"])))
+        jax.tree.leaves(decoder.param_logical_axes(layer)["layers"], is_leaf=lambda x: isinstance(x, tuple)),
+        jax.tree.leaves(decoder.param_shapes(layer)["layers"])))
   return Dims(config.num_layers, config.hidden_size, share("act_mlp", config.intermediate_size),
               share("act_heads", config.num_heads), share("act_kv_heads", config.num_kv_heads), config.head_dim,
               share("act_vocab", config.vocab_size), np.dtype(config.jnp_dtype).itemsize,

@@ -108,7 +108,7 @@ def plan(cfg, teacher: ModelConfig, student: ModelConfig, mesh_sizes: dict, devi
          usable: float = 0.9, attention_block: int = 512, prompts: int | None = None, host_devices: int = 8) -> dict:
   """The per-device plan (bytes) of `cfg` on a `mesh_sizes` mesh of devices with `device_bytes` each.
 
-  `attention_block`: `qwen2.attention_block_size` of the target (512 on accelerators, 64 on CPU). `prompts`:
+  `attention_block`: `decoder.attention_block_size` of the target (512 on accelerators, 64 on CPU). `prompts`:
   prompts in one sampling call (default: the whole step's batch_size / group_size, as `train.rollout` does).
   `host_devices`: devices a host holds (the rollout copy's tensor group stays within one)."""
   g = _check(cfg)

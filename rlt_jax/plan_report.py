@@ -8,7 +8,7 @@ import sys
 
 from rlt_jax import plan, run_config, sharding
 from rlt_jax.memory import CHIPS, GiB
-from rlt_jax.models import qwen2
+from rlt_jax.models import decoder
 
 
 def report(p: dict, *, header: list[str]) -> str:
@@ -94,7 +94,7 @@ def main(cfg, config_path: str, chip: str, mesh: str | None, as_json: bool, mode
       return _sft_main(cfg, config_path, chip, plan.parse_mesh(mesh), as_json, model, usable)
     device = CHIPS[chip].hbm_bytes
     teacher, student, source = plan.model_configs(cfg, model=model, config_path=config_path)
-    # qwen2.attention_block_size on accelerators
+    # decoder.attention_block_size on accelerators
     kw = dict(usable=usable, attention_block=512, host_devices=CHIPS[chip].host_devices)
     search = None
     if mesh is None:
@@ -107,8 +107,8 @@ def main(cfg, config_path: str, chip: str, mesh: str | None, as_json: bool, mode
     sys.exit(f"error: {e}")
   p.update(chip=chip, config=config_path, models=source, remat=cfg.remat, group_size=cfg.group_size,
            max_sampling_prompts=plan.max_sampling_prompts(cfg, teacher, student, sizes, device, **kw),
-           teacher_params=qwen2.num_params(qwen2.param_shapes(teacher)),
-           student_params=qwen2.num_params(qwen2.param_shapes(student)))
+           teacher_params=decoder.num_params(decoder.param_shapes(teacher)),
+           student_params=decoder.num_params(decoder.param_shapes(student)))
   if search is not None:
     p["mesh_search"] = [dict(devices=n, meshes=[dict(m, total_bytes=t) for m, t in fits]) for n, fits in search]
   if as_json:

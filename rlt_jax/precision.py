@@ -1,7 +1,7 @@
 """Mixed precision, as DeepSpeed bf16, MaxText and Tunix train LMs: master params and AdamW moments in
 `param_dtype` (float32), matmuls and activations in the compute `dtype` (bfloat16 on accelerators).
 
-The model code casts each weight to the compute dtype where it is used (`qwen2._dense`), so a forward of fp32 params
+The model code casts each weight to the compute dtype where it is used (`layers.Dense`), so a forward of fp32 params
 is already a bf16 forward, and its gradients reach the fp32 masters. What stays is this module's:
 - `compute_copy`: the params cast once to the compute dtype, sharded as they are. Sampling and the reward read it
   (a decode loop over fp32 masters would read twice the bytes and cast every weight again for every token).

@@ -10,7 +10,7 @@ import ml_collections
 
 from rlt_jax import plan, run_config, sharding
 from rlt_jax.memory import GiB, MiB
-from rlt_jax.models import qwen2
+from rlt_jax.models import decoder
 
 _log = logging.getLogger("rlt_jax")
 
@@ -82,11 +82,11 @@ def check(cfg, mesh, *, kind: str = "rl"):
   sizes = {a: int(mesh.shape[a]) for a in sharding.MESH_AXES}
   if kind == "sft":
     model, _ = plan.sft_model_config(cfg)
-    block = qwen2.attention_block_size(model)
+    block = decoder.attention_block_size(model)
     plan_of = lambda c: plan.plan_sft(c, model, sizes, device_bytes, usable=usable, attention_block=block)  # noqa: E731
   else:
     teacher, student, _ = plan.model_configs(cfg)
-    block = qwen2.attention_block_size(teacher)
+    block = decoder.attention_block_size(teacher)
     plan_of = lambda c: plan.plan(c, teacher, student, sizes, device_bytes, usable=usable,  # noqa: E731
                                   attention_block=block, host_devices=sharding.host_devices(mesh))
   p = plan_of(cfg)

@@ -1,8 +1,12 @@
-"""Device meshes and logical-axis sharding.
+"""Device meshes and logical-axis sharding: what Flax's logical partitioning leaves to us.
 
-Every param and the main activations carry *logical* axis names ("embed", "q_heads", "batch", ...). A list of rules
-(from the config) maps each logical name to mesh axes of the (data, fsdp, tensor) mesh, MaxText-style. Changing how a
-model is sharded is a config change, never a model change.
+Every param (`nn.with_logical_partitioning` in the model modules) and the main activations carry *logical* axis
+names ("embed", "q_heads", "batch", ...). A list of rules (from the config) maps each logical name to mesh axes of
+the (data, fsdp, tensor) mesh, MaxText-style; the rules are Flax's (`nn.logical_axis_rules`, resolved by
+`nn.logical_to_mesh_axes`). Changing how a model is sharded is a config change, never a model change. Here: the mesh
+from the config, a logical name without a rule as an error naming it, mesh axes of size 1 dropped, and a dimension
+the mesh axes do not divide replicated with a warning (params) or an error (`on_indivisible="error"`), where Flax
+would leave an uneven sharding to fail deep inside jit; and the rollout layout.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -47,7 +52,6 @@ ROLLOUT_RULES: tuple[tuple[str, Any], ...] = tuple((name, None if name == "embed
 
 ON_INDIVISIBLE = ("replicate", "error")
 _log = logging.getLogger(__name__)
-_state = {"rules": DEFAULT_RULES}
 
 
 def make_mesh(axis_sizes: Mapping[str, int] | Sequence[int], devices=None) -> Mesh:
@@ -96,47 +100,46 @@ def normalize_rules(rules) -> tuple[tuple[str, Any], ...]:
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules=None):
-  """Makes `mesh` the context mesh (so `constrain` shards activations) and `rules` the active rules."""
-  old = _state["rules"]
-  _state["rules"] = normalize_rules(rules) if rules is not None else old
-  try:
-    with jax.set_mesh(mesh):
-      yield mesh
-  finally:
-    _state["rules"] = old
+  """Makes `mesh` the context mesh (so `constrain` shards activations) and `rules` Flax's active logical-axis rules
+  (unchanged when None)."""
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(jax.set_mesh(mesh))
+    if rules is not None:
+      stack.enter_context(nn.logical_axis_rules(normalize_rules(rules)))
+    yield mesh
 
 
 def active_rules():
-  return _state["rules"]
+  """Flax's active logical-axis rules (`nn.logical_axis_rules`), `DEFAULT_RULES` outside any."""
+  return tuple(nn.get_logical_axis_rules()) or DEFAULT_RULES
 
 
-def _mesh_axes_for(name: str | None, rules) -> tuple[str, ...]:
-  if name is None:
-    return ()
-  for logical, axes in rules:
-    if logical == name:
-      if axes is None:
-        return ()
-      return tuple(axes) if isinstance(axes, tuple) else (axes,)
-  raise KeyError(f"no sharding rule for logical axis {name!r}; add one to the rules (known: "
-                 f"{[r[0] for r in rules]})")
+def _mesh_axes(names: Sequence[str | None], rules) -> list[tuple[str, ...]]:
+  """Each dimension's mesh axes by Flax's resolution (rules in order, a mesh axis used once an array)."""
+  known = {r[0] for r in rules}
+  for name in names:
+    if name is not None and name not in known:
+      raise KeyError(f"no sharding rule for logical axis {name!r}; add one to the rules (known: "
+                     f"{[r[0] for r in rules]})")
+  out = []
+  for axes in nn.logical_to_mesh_axes(tuple(names), rules):
+    out.append(() if axes is None else tuple(axes) if isinstance(axes, (tuple, list)) else (axes,))
+  return out
 
 
 def logical_to_spec(names: Sequence[str | None], rules=None, *, mesh=None, shape=None, what: str = "array",
                     on_indivisible: str = "replicate") -> P:
   """PartitionSpec for an array with logical axis `names`.
 
-  A mesh axis is used at most once per array (the first logical axis that asks for it wins). With `mesh` and
+  A mesh axis is used at most once per array (Flax: the first rule that asks for it wins). With `mesh` and
   `shape`, a dimension whose size the mesh axes do not divide is replicated (with a warning) or raises, as
   `on_indivisible` says.
   """
   if on_indivisible not in ON_INDIVISIBLE:
     raise ValueError(f"on_indivisible={on_indivisible!r}: expected one of {ON_INDIVISIBLE}")
   rules = active_rules() if rules is None else rules
-  used: set[str] = set()
   spec = []
-  for dim, name in enumerate(names):
-    axes = tuple(a for a in _mesh_axes_for(name, rules) if a not in used)
+  for dim, (name, axes) in enumerate(zip(names, _mesh_axes(names, rules))):
     if mesh is not None:
       axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
     if axes and mesh is not None and shape is not None:
@@ -150,7 +153,6 @@ def logical_to_spec(names: Sequence[str | None], rules=None, *, mesh=None, shape
         if what != "activation":
           _log.warning("%s; replicating this dimension", msg)
         axes = ()
-    used.update(axes)
     spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return P(*spec)
 

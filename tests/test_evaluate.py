@@ -1,6 +1,6 @@
 """rlt_jax.evaluate end to end on the tiny local models, against independent oracles.
 
-- greedy responses equal a step-by-step argmax of a teacher-forced `qwen2.forward` from prompt ids built by the
+- greedy responses equal a step-by-step argmax of a teacher-forced `decoder.forward` from prompt ids built by the
   tokenizer's own chat template (not by RLTFormat), including where the response stops (eos);
 - results.json / results.md / <benchmark>.jsonl agree with a re-grading of the written responses and a NumPy
   recomputation of pass@1 and its standard error; golds and questions agree with the data file read here;
@@ -26,9 +26,9 @@ import pytest
 
 from conftest import REPO
 from rlt_jax import data, evaluate, formats, grading, hf_checkpoint
-from rlt_jax.models import qwen2
+from rlt_jax.models import decoder
 
-_forward = jax.jit(qwen2.forward, static_argnums=0)
+_forward = jax.jit(decoder.forward, static_argnums=0)
 
 
 def eval_tiny_config():

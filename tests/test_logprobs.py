@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hf_models import np_token_logprobs
-from rlt_jax.models import logprobs, qwen2
+from rlt_jax.models import decoder, logprobs
 from rlt_jax.models.config import ModelConfig
 
 TINY = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -18,7 +18,7 @@ logprobs_jit = jax.jit(logprobs.token_logprobs, static_argnames=("config", "temp
 
 @pytest.fixture(scope="module")
 def tiny():
-  params = qwen2.init_params(TINY, jax.random.PRNGKey(0), std=0.3)
+  params = decoder.init_params(TINY, jax.random.PRNGKey(0), std=0.3)
   rng = np.random.RandomState(0)
   ids = rng.randint(0, TINY.vocab_size, (3, 37)).astype(np.int32)
   mask = np.ones((3, 37), np.int32)
@@ -31,7 +31,7 @@ def test_token_logprobs_matches_full_logits(tiny):
   params, ids, mask = tiny
   # chunk 8 does not divide T = 37: the last chunk is padded
   got = np.asarray(logprobs_jit(TINY, params, ids, mask, temperature=0.7, chunk_size=8))
-  ref = np_token_logprobs(qwen2.forward(TINY, params, ids, mask), ids, 0.7)
+  ref = np_token_logprobs(decoder.forward(TINY, params, ids, mask), ids, 0.7)
   assert got.shape == (3, 37) and got.dtype == np.float32
   assert np.all(got[:, 0] == 0)
   np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
@@ -40,7 +40,7 @@ def test_token_logprobs_matches_full_logits(tiny):
 
 def test_the_last_tokens_alone_match_the_oracle_and_project_only_their_positions(tiny):
   params, ids, mask = tiny
-  ref = np_token_logprobs(qwen2.forward(TINY, params, ids, mask), ids, 0.7)
+  ref = np_token_logprobs(decoder.forward(TINY, params, ids, mask), ids, 0.7)
   fn = lambda p, n: logprobs.token_logprobs(TINY, p, ids, mask, temperature=0.7, chunk_size=8, last=n)  # noqa: E731
   for n in (1, 12, 36):
     got = np.asarray(jax.jit(fn, static_argnums=1)(params, n))
@@ -67,7 +67,7 @@ def _all_eqns(jaxpr):
 
 
 def _naive_logprobs(config, params, ids, mask, temperature):
-  logits = qwen2.forward(config, params, ids, mask) / temperature
+  logits = decoder.forward(config, params, ids, mask) / temperature
   picked = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), ids[:, 1:, None], -1)[..., 0]
   return jnp.concatenate([jnp.zeros((ids.shape[0], 1)), picked], 1)
 

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from hf_models import hf_logits, make_hf_model
 from rlt_jax import hf_checkpoint, models, sharding
-from rlt_jax.models import qwen2
+from rlt_jax.models import decoder
 
 jit_forward = jax.jit(models.forward, static_argnums=0)
 
@@ -197,7 +197,7 @@ def long_model(tmp_path_factory):
   path = tmp_path_factory.mktemp("long")
   hf = make_hf_model(path)
   config, params = hf_checkpoint.load_hf(path)
-  assert BLOCK < LONG_T <= qwen2.attention_block_size(config)  # by default these 40 tokens take the dense path
+  assert BLOCK < LONG_T <= decoder.attention_block_size(config)  # by default these 40 tokens take the dense path
   return hf, config, params
 
 
@@ -289,8 +289,8 @@ def test_attention_block_must_be_positive():
                        head_dim=4, attention_block=0)
   config = models.ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
                               num_kv_heads=1, head_dim=4)
-  assert qwen2.attention_block_size(config) == 64  # the tests run on CPU
-  assert qwen2.attention_block_size(config.replace(attention_block=7)) == 7
+  assert decoder.attention_block_size(config) == 64  # the tests run on CPU
+  assert decoder.attention_block_size(config.replace(attention_block=7)) == 7
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 4, 2)])

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO, SHARED
 from rlt_jax import grpo, hf_checkpoint, optim, plan, precision, rewards, rl_step, run_config, sampling, sft, sharding
-from rlt_jax.models import qwen2
+from rlt_jax.models import decoder
 from rlt_jax.models.config import ModelConfig
 
 ONE = dict(data=1, fsdp=1, tensor=1)
@@ -39,7 +39,7 @@ def small_config(remat="none", **overrides):
 def cpu_plan(cfg, mesh=ONE):
   teacher, student, _ = plan.model_configs(cfg)
   return teacher, student, plan.plan(cfg, teacher, student, mesh, 80 * 2**30,
-                                     attention_block=qwen2.attention_block_size(teacher))
+                                     attention_block=decoder.attention_block_size(teacher))
 
 
 def close(model, real, what):
@@ -64,11 +64,11 @@ def test_resident_bytes_are_the_real_shards(mesh, dtypes):
   devices = jax.devices()[:8]
   m = jax.sharding.Mesh(np.asarray(devices).reshape(mesh["data"], mesh["fsdp"], mesh["tensor"]),
                         ("data", "fsdp", "tensor"))
-  params = hf_checkpoint.shard_params(qwen2.init_params(teacher, jax.random.key(0)), m, teacher)
+  params = hf_checkpoint.shard_params(decoder.init_params(teacher, jax.random.key(0)), m, teacher)
   # As train.run builds them.
   opt_state = optim.init_state(optim.make_optimizer(grpo.GRPOConfig(**cfg.grpo.to_dict()).optim), params)
   copy = precision.compute_copy(params, dtype)
-  student_params = hf_checkpoint.shard_params(qwen2.init_params(student, jax.random.key(1)), m, student)
+  student_params = hf_checkpoint.shard_params(decoder.init_params(student, jax.random.key(1)), m, student)
 
   def on_device0(tree):
     return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == devices[0])
@@ -86,7 +86,7 @@ def test_resident_bytes_are_the_real_shards(mesh, dtypes):
   # The rollout copy, as train.rollout_params makes it: the compute-dtype params on the (data, 1, tensor) mesh.
   rmesh = sharding.rollout_mesh(m, sharding.rollout_tensor(m, teacher.num_heads, teacher.num_kv_heads))
   assert dict(rmesh.shape) == p["rollout_mesh"]
-  rollout = precision.compute_copy(params, dtype, sharding.tree_shardings(qwen2.param_logical_axes(teacher), params,
+  rollout = precision.compute_copy(params, dtype, sharding.tree_shardings(decoder.param_logical_axes(teacher), params,
                                                                           rmesh, sharding.ROLLOUT_RULES))
   assert p["rollout_params_bytes"] == on_device0(rollout) > 0
 
@@ -101,7 +101,7 @@ def test_update_step_memory_is_the_compiled_steps(remat):
   sc = rl_step.StepConfig(teacher, student, g, rewards.RewardConfig(), cfg.dtype, cfg.group_size, cfg.max_new_tokens,
                           cfg.logprob_chunk_size, 0)
   optimizer = optim.make_optimizer(g.optim)
-  params = qwen2.param_shapes(teacher)
+  params = decoder.param_shapes(teacher)
   state = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params), "ref_params": params,
            "step": sds((), jnp.int32), "bad_steps": sds((), jnp.int32)}
   B, T, S = cfg.batch_size, cfg.max_prompt_len + cfg.max_new_tokens, cfg.max_student_len
@@ -128,7 +128,7 @@ def test_reward_forward_memory_is_the_compiled_rewards(micro_batch):
   ids, mask = lambda T: sds((B, T), jnp.int32), lambda T: sds((B, T), bool)  # noqa: E731
   batch = rewards.RewardBatch(ids(Tt), mask(Tt), mask(Tt), ids(Ts), mask(Ts), mask(Ts), mask(Ts), sds((B,), bool))
   ma = jax.jit(rewards.reward_rows, static_argnums=(0, 2, 5), static_argnames=("chunk_size", "micro_batch")).lower(
-      teacher, qwen2.param_shapes(teacher), student, qwen2.param_shapes(student), batch, rewards.RewardConfig(),
+      teacher, decoder.param_shapes(teacher), student, decoder.param_shapes(student), batch, rewards.RewardConfig(),
       chunk_size=cfg.logprob_chunk_size, micro_batch=micro_batch).compile().memory_analysis()
   rew = p["phases"]["reward"]
   assert ma.argument_size_in_bytes == p["params_bytes"] + p["student_params_bytes"] + rew["inputs"]
@@ -144,7 +144,7 @@ def test_kv_cache_and_sampler_memory_are_the_compiled_samplers():
   assert p["kv_cache_bytes"] == sampling.kv_cache_bytes(teacher, prompts, P, N, G)
   # On data×fsdp = 4 and tensor = 2 the 4 prompts, their 32 rows and the 2 kv heads all split.
   assert cpu_plan(cfg, dict(data=1, fsdp=4, tensor=2))[2]["kv_cache_bytes"] * 8 == p["kv_cache_bytes"]
-  params = qwen2.param_shapes(teacher)
+  params = decoder.param_shapes(teacher)
   ids, mask = sds((prompts, P), jnp.int32), sds((prompts, P), bool)
   pre = sampling.prefill.lower(teacher, params, ids, mask).compile().memory_analysis()
   cache, logits = jax.eval_shape(sampling.prefill, teacher, params, ids, mask)
@@ -164,10 +164,10 @@ def test_sft_step_memory_is_the_compiled_sft_step():
   cfg.tiny.update(dict(vocab_size=2048, hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512))
   cfg.max_len, cfg.batch_size, cfg.micro_batches, cfg.logprob_chunk_size = 512, 8, 2, 128
   model, _ = plan.sft_model_config(cfg)
-  p = plan.plan_sft(cfg, model, ONE, 80 * 2**30, attention_block=qwen2.attention_block_size(model))
+  p = plan.plan_sft(cfg, model, ONE, 80 * 2**30, attention_block=decoder.attention_block_size(model))
   o = optim.OptimConfig()
   optimizer, schedule = optim.make_optimizer(o), optim.learning_rate_schedule(o)
-  params = qwen2.param_shapes(model)
+  params = decoder.param_shapes(model)
   state = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params), "step": sds((), jnp.int32)}
   B, L = cfg.batch_size, cfg.max_len
   batch = {"input_ids": sds((B, L), jnp.int32), "loss_mask": sds((B, L), bool), "segment_ids": sds((B, L), jnp.int32),
@@ -206,7 +206,7 @@ def test_presets_are_the_published_qwen25_sizes():
     assert getattr(preset, f) == getattr(real, f), f
   # Parameter counts on the Qwen2.5 model cards (billions).
   for name, billions in {"0.5b": 0.49, "1.5b": 1.54, "3b": 3.09, "7b": 7.61, "14b": 14.7, "32b": 32.5}.items():
-    n = qwen2.num_params(qwen2.param_shapes(plan.preset_config(name))) / 1e9
+    n = decoder.num_params(decoder.param_shapes(plan.preset_config(name))) / 1e9
     assert abs(n / billions - 1) < 0.01, (name, n)
   assert plan.preset_in("/ckpt/Qwen2.5-14B-Instruct") == "14b" and plan.preset_in("configs/rlt_qwen2.5_7b.py") == "7b"
 

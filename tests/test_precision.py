@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, set_fields, tiny_module_config
 from rlt_jax import checkpointing, grpo, hf_checkpoint, optim, precision, rewards, rl_step, run_config, sft, sharding, tiny, train
-from rlt_jax.models import qwen2
+from rlt_jax.models import decoder
 
 RECIPE = run_config.config_file(str(REPO / "configs" / "rlt_qwen2.5_7b.py"))
 SFT_RECIPE = run_config.config_file(str(REPO / "configs" / "teacher_sft_qwen2.5_7b.py"))
@@ -35,7 +35,7 @@ def _moved(before, after) -> dict:
 
 def _rl_update(param_dtype, dtype, lr):
   config = _model(param_dtype, dtype)
-  params = qwen2.init_params(config, jax.random.key(0), std=0.02)  # N(0, 0.02) weights
+  params = decoder.init_params(config, jax.random.key(0), std=0.02)  # N(0, 0.02) weights
   g = grpo.GRPOConfig(**dict(RECIPE.grpo.to_dict(), learning_rate=lr, micro_batches=1))
   sc = rl_step.StepConfig(config, config, g, rewards.RewardConfig(), dtype, 4, 32, 64, 0)
   optimizer = optim.make_optimizer(g.optim)
@@ -71,7 +71,7 @@ def test_recipe_update_at_lr_1e6_moves_every_weight_matrix():
 def test_sft_recipe_update_at_lr_1e6_moves_every_weight_matrix():
   assert (SFT_RECIPE.param_dtype, SFT_RECIPE.dtype) == ("float32", "bfloat16")
   config = _model(SFT_RECIPE.param_dtype, SFT_RECIPE.dtype)
-  params = qwen2.init_params(config, jax.random.key(1), std=0.02)
+  params = decoder.init_params(config, jax.random.key(1), std=0.02)
   opt = optim.OptimConfig(learning_rate=1e-6, b1=SFT_RECIPE.b1, b2=SFT_RECIPE.b2, weight_decay=SFT_RECIPE.weight_decay)
   optimizer, schedule = optim.make_optimizer(opt), optim.learning_rate_schedule(opt)
   B, L = 4, 128
@@ -88,7 +88,7 @@ def test_sft_recipe_update_at_lr_1e6_moves_every_weight_matrix():
 def test_compute_copy_is_cast_once_and_keeps_each_shard():
   mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2))
   config = _model("float32", "bfloat16")
-  params = hf_checkpoint.shard_params(qwen2.init_params(config, jax.random.key(0)), mesh, config)
+  params = hf_checkpoint.shard_params(decoder.init_params(config, jax.random.key(0)), mesh, config)
   copy = precision.compute_copy(params, "bfloat16")
   for p, c in zip(jax.tree.leaves(params), jax.tree.leaves(copy)):
     assert c.dtype == jnp.bfloat16 and c.sharding.is_equivalent_to(p.sharding, p.ndim)
@@ -106,7 +106,7 @@ def _safetensors_dtypes(path) -> set:
 
 def test_export_keeps_the_master_dtype_unless_asked(tmp_path):
   config = _model("float32", "bfloat16")
-  params = qwen2.init_params(config, jax.random.key(0))
+  params = decoder.init_params(config, jax.random.key(0))
   hf_checkpoint.save_hf(config, params, tmp_path / "masters")
   assert _safetensors_dtypes(tmp_path / "masters" / "model.safetensors") == {"F32"}
   assert json.load(open(tmp_path / "masters" / "config.json"))["torch_dtype"] == "float32"

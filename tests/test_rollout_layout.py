@@ -12,7 +12,7 @@ import pytest
 import hlo_text
 from rlt_jax import precision, sampling, sharding
 from rlt_jax.decode import Schedule
-from rlt_jax.models import qwen2
+from rlt_jax.models import decoder
 from rlt_jax.models.config import ModelConfig
 
 # 7B's proportions in small dims: 8 query heads over 4 kv heads (7B: 28 over 4), so 4-way tensor parallelism fits.
@@ -40,7 +40,7 @@ def decode_loop_collectives(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
 def weight_shapes(config: ModelConfig) -> set[tuple[int, ...]]:
   """Every weight's shape, stacked and per layer, whole and as a tensor-parallel slice could gather it."""
   out = set()
-  for leaf in jax.tree.leaves(qwen2.param_shapes(config)):
+  for leaf in jax.tree.leaves(decoder.param_shapes(config)):
     out.add(tuple(leaf.shape))
     out.add(tuple(leaf.shape[1:]))
   return out
@@ -58,9 +58,9 @@ def compile_decode(params, mesh, rules, B=2, M=8, P=6, T=24):
 @pytest.mark.parametrize("train_mesh", [(1, 8, 1), (2, 4, 1)], ids=["8xh100", "4x8xh100"])
 def test_decode_loop_gathers_no_weights_on_the_rollout_layout(train_mesh):
   mesh = sharding.make_mesh(train_mesh)
-  names = qwen2.param_logical_axes(CONFIG)
-  params = jax.device_put(qwen2.init_params(CONFIG, jax.random.key(0)),
-                          sharding.tree_shardings(names, qwen2.param_shapes(CONFIG), mesh, sharding.DEFAULT_RULES))
+  names = decoder.param_logical_axes(CONFIG)
+  params = jax.device_put(decoder.init_params(CONFIG, jax.random.key(0)),
+                          sharding.tree_shardings(names, decoder.param_shapes(CONFIG), mesh, sharding.DEFAULT_RULES))
   weights = weight_shapes(CONFIG)
 
   # Premise: on the training layout every token all-gathers the fsdp-split weights.
@@ -88,9 +88,9 @@ def test_decode_loop_gathers_no_weights_on_the_rollout_layout(train_mesh):
 
 def test_rollout_copy_is_the_params_when_nothing_changes():
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  names = qwen2.param_logical_axes(CONFIG)
-  params = jax.device_put(qwen2.init_params(CONFIG, jax.random.key(0)),
-                          sharding.tree_shardings(names, qwen2.param_shapes(CONFIG), mesh, sharding.DEFAULT_RULES))
+  names = decoder.param_logical_axes(CONFIG)
+  params = jax.device_put(decoder.init_params(CONFIG, jax.random.key(0)),
+                          sharding.tree_shardings(names, decoder.param_shapes(CONFIG), mesh, sharding.DEFAULT_RULES))
   rmesh = sharding.rollout_mesh(mesh, 1)
   shardings = sharding.tree_shardings(names, params, rmesh, sharding.ROLLOUT_RULES)
   assert precision.compute_copy(params, "float32", shardings) is params

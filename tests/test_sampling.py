@@ -1,7 +1,7 @@
 """rlt_jax.sampling against independent oracles.
 
 - greedy tokens: transformers `generate(do_sample=False)` on the same random tiny Qwen2 (left-padded prompts);
-- returned log-probs: a teacher-forced `qwen2.forward` of the finished sequences (what the RL loss recomputes);
+- returned log-probs: a teacher-forced `decoder.forward` of the finished sequences (what the RL loss recomputes);
 - temperature: a chi-square test of 4,096 draws against softmax(logits / T) from the transformers logits;
 - top-k / top-p: every emitted token lies in the set computed in NumPy from teacher-forced logits;
 - sharding: greedy output on 8 fake devices ((8,1,1) and (2,2,2) meshes) equals the single-device output.
@@ -23,11 +23,11 @@ import hlo_text
 from hf_models import hf_logits, make_hf_model
 from rlt_jax import hf_checkpoint, sampling, sharding
 from rlt_jax.decode import WHOLE, Schedule
-from rlt_jax.models import qwen2
+from rlt_jax.models import decoder
 from rlt_jax.models.config import ModelConfig
 
 V = 128
-_forward = jax.jit(qwen2.forward, static_argnums=0)
+_forward = jax.jit(decoder.forward, static_argnums=0)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_kv_cache_size_and_dtype(qwen_dir):
   assert sampling.kv_cache_bytes(config, 16, 1000, 1001, 64, window=0) == 12288 * (16 * 1000 + 16 * 64 * 1000)
   tiny = config.replace(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=8)
-  params = jax.eval_shape(lambda: qwen2.init_params(tiny, jax.random.key(0)))
+  params = jax.eval_shape(lambda: decoder.init_params(tiny, jax.random.key(0)))
   ids = jax.ShapeDtypeStruct((2, 5), jnp.int32)
   cache, logits = jax.eval_shape(lambda p, i: sampling.prefill(tiny, p, i, jnp.ones(i.shape, bool)), params, ids)
   assert cache.k.shape == (2, 2, 5, 2, 8) and cache.k.dtype == jnp.bfloat16 and cache.v.dtype == jnp.bfloat16

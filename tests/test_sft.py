@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, set_fields
 from rlt_jax import data, formats, hf_checkpoint, preemption, rows, run_config, sft
-from rlt_jax.models import qwen2
+from rlt_jax.models import decoder
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_truncation_keeps_partial_completions_and_skips_rows_without_target(tmp_
 
 def _numpy_nll(config, params, example):
   """−Σ log p of the trained tokens of one unpadded row, from the model's logits with a NumPy log-softmax."""
-  logits = np.asarray(qwen2.forward(config, params, example.input_ids[None]), np.float64)[0]
+  logits = np.asarray(decoder.forward(config, params, example.input_ids[None]), np.float64)[0]
   logp = logits - logits.max(-1, keepdims=True)
   logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
   t = np.flatnonzero(example.loss_mask)

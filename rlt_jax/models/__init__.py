@@ -1,6 +1,7 @@
-"""Qwen2-family causal LMs as pure functions over plain params pytrees."""
+"""Decoder LMs as Flax linen modules applied to plain params pytrees: the family interface (`family`), the
+built-in Qwen2 / Llama family (`qwen2`), and the functions every stage calls (`decoder`)."""
 from rlt_jax.models.config import ModelConfig
-from rlt_jax.models.qwen2 import (
+from rlt_jax.models.decoder import (
     embed_tokens,
     forward,
     forward_hidden,

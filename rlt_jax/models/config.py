@@ -11,6 +11,13 @@ import jax.numpy as jnp
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots")
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+# Config readers of registered families (`family.register`), asked newest first: hf dict, source -> config or None.
+_READERS: dict[str, Any] = {}
+
+
+def register_reader(name: str, reader) -> None:
+  _READERS.pop(name, None)
+  _READERS[name] = reader
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +36,8 @@ class ModelConfig:
   qkv_bias: bool = True            # Qwen2: True; Llama: `attention_bias`
   o_bias: bool = False             # Llama with attention_bias=True also biases o_proj
   max_position_embeddings: int = 32768
-  model_type: str = "qwen2"
+  model_type: str = "qwen2"       # the Hugging Face model_type written to config.json
+  family: str = "qwen2"           # the registered decoder family that runs it (`models.family`)
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
   param_dtype: str = "float32"     # storage dtype of params
@@ -82,6 +90,10 @@ class ModelConfig:
 
   @classmethod
   def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "<dict>", **overrides) -> "ModelConfig":
+    for reader in reversed(list(_READERS.values())):
+      config = reader(hf, source)
+      if config is not None:
+        return config.replace(**overrides) if overrides else config
     model_type = hf.get("model_type", "qwen2")
     if model_type not in SUPPORTED_MODEL_TYPES:
       raise ValueError(f"{source}: model_type={model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from rlt_jax import sharding
-from rlt_jax.models import qwen2
+from rlt_jax.models import decoder
 from rlt_jax.models.config import ModelConfig
 
 
@@ -41,7 +41,7 @@ def hidden_logprobs(config: ModelConfig, params, hidden_BTD, input_ids, *, tempe
   tgt = jnp.pad(targets_BT, ((0, 0), (0, pad)))
   h_XBCD = h.reshape(B, X, C, D).swapaxes(0, 1)
   tgt_XBC = tgt.reshape(B, X, C).swapaxes(0, 1)
-  w_DV = qwen2.output_kernel(config, params).astype(config.jnp_dtype)
+  w_DV = decoder.output_kernel(config, params).astype(config.jnp_dtype)
 
   @jax.checkpoint
   def chunk(args):
@@ -70,7 +70,7 @@ def token_logprobs(config: ModelConfig, params, input_ids, attention_mask=None, 
   device (the chunk's logits and one temporary), so lower `chunk_size` as the per-device batch grows.
   Jit it with `config`, `temperature` and `chunk_size` static.
   """
-  h_BTD = qwen2.forward_hidden(config, params, input_ids, attention_mask, positions=positions,
+  h_BTD = decoder.forward_hidden(config, params, input_ids, attention_mask, positions=positions,
                                segment_ids=segment_ids)
   if last is None:
     return hidden_logprobs(config, params, h_BTD, input_ids, temperature=temperature, chunk_size=chunk_size)
