@@ -59,7 +59,7 @@ def forward_hidden(config, params, ids_BT, mask_BT=None, pos_BT=None, seg_BT=Non
     return decoder_block(config, lp, x, cos, sin, lambda q, k, v: layers.self_attention(config, q, k, v, mask))[0]
 
   if config.remat != "none":
-    one = jax.checkpoint(one, policy=layers.REMAT_POLICIES[config.remat])
+    one = jax.checkpoint(one, policy=layers.CHECKPOINT_POLICIES[config.remat])
   x, _ = jax.lax.scan(lambda x, lp: (one(lp, x, cos, sin, mask), None), embed_tokens(config, params, ids_BT),
                       params["layers"])
   return layers.rms_norm(x, params["final_norm"]["scale"], config.rms_norm_eps)

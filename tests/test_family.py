@@ -21,7 +21,7 @@ import transformers
 
 from hf_models import hf_logits, np_token_logprobs
 from rlt_jax import hf_checkpoint, sampling, train
-from rlt_jax.models import config as config_lib, decoder, family, qwen2
+from rlt_jax.models import decoder, family, qwen2
 from rlt_jax.models.config import ModelConfig
 from test_train import metrics_rows, small_config
 
@@ -79,8 +79,7 @@ def llama3():
   """The family registered for one test, then removed (the registry and the config readers as they were)."""
   fam = family.register(family.Family("llama3_test", Llama3Decoder, qwen2.Block, qwen2.hf_tensors, read_config))
   yield fam
-  family.FAMILIES.pop("llama3_test")
-  config_lib._READERS.pop("llama3_test")
+  family.unregister("llama3_test")
 
 
 def make_llama3(path, vocab=128, bias=False):
@@ -179,6 +178,6 @@ def test_a_param_without_logical_axes_is_an_error_naming_it():
                                          r"with_logical_partitioning"):
       decoder.param_logical_axes(config)
   finally:
-    family.FAMILIES.pop("unnamed_test")
+    family.unregister("unnamed_test")
   with pytest.raises(ValueError, match="family='nowhere' is not registered"):
     decoder.param_shapes(config.replace(family="nowhere"))

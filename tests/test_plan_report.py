@@ -1,5 +1,6 @@
 """The planner's command line (`python -m rlt_jax.plan`, run by `plan_report.main`): its JSON, and flag errors."""
 import json
+import os
 import subprocess
 import sys
 
@@ -10,9 +11,11 @@ from rlt_jax import plan_report
 
 
 def test_cli_json_and_flag_errors(tmp_path):
+  # A platform this machine lacks: the planner must start no backend (it runs on login nodes, and beside jobs that
+  # hold the accelerators), so it plans from shapes alone or fails here.
   run = subprocess.run([sys.executable, "-m", "rlt_jax.plan", "--config", str(REPO / "configs" / "tiny.py"),
                         "--chip", "h100", "--mesh", "data=1,fsdp=8,tensor=1", "--json", "--config.batch_size=64"],
-                       capture_output=True, text=True, cwd=REPO, timeout=300)
+                       capture_output=True, text=True, cwd=REPO, timeout=300, env=dict(os.environ, JAX_PLATFORMS="tpu"))
   assert run.returncode == 0, run.stderr
   out = json.loads(run.stdout)
   for k in ("params_bytes", "opt_state_bytes", "ref_params_bytes", "student_params_bytes", "kv_cache_bytes",

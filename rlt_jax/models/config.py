@@ -16,8 +16,10 @@ _READERS: dict[str, Any] = {}
 
 
 def register_reader(name: str, reader) -> None:
+  """Makes `reader` the newest config reader, under `name` (None: removes the reader of `name`)."""
   _READERS.pop(name, None)
-  _READERS[name] = reader
+  if reader is not None:
+    _READERS[name] = reader
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,41 +29,40 @@ def _apply(config: ModelConfig, params, *args, method, **kw):
 
 
 # ----------------------------------------------------------------------------------------------------------- params
-def _boxed_shapes(config: ModelConfig):
-  """The module's params as `nn.LogicallyPartitioned` boxes of ShapeDtypeStructs (no allocation)."""
-  return _traced_init(config, family_of(config))
-
-
 @functools.lru_cache(maxsize=64)
 def _traced_init(config: ModelConfig, family: Family):
-  module = family.decoder(config)
-  ids = jnp.zeros((1, 1), jnp.int32)
+  """The module's params as `nn.LogicallyPartitioned` boxes of ShapeDtypeStructs and their logical axes, from the
+  module's own init traced abstractly: no device is touched (the planner runs on machines without accelerators, or
+  beside a job that holds them) and nothing is allocated. Every param must name each of its dimensions."""
+  # attention_block set: the default asks jax.default_backend(), which would start the backend (shapes don't use it).
+  module = family.decoder(config.replace(attention_block=1))
   # The forward and the output projection between them touch every param (`__call__` alone misses an untied head).
   every_param = lambda m, ids: (m(ids), m.output_kernel())  # noqa: E731
-  return jax.eval_shape(lambda: module.init(jax.random.key(0), ids, method=every_param))["params"]
-
-
-def param_logical_axes(config: ModelConfig) -> dict:
-  """The params tree with, at each leaf, the tuple of logical axis names the module gave that array."""
-  boxed = _boxed_shapes(config)
-  specs = nn.get_partition_spec(boxed)
-  axes = jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32),
+                                             method=every_param))["params"]
+  axes = jax.tree.map(tuple, nn.get_partition_spec(boxed),
+                      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   for (path, names), shape in zip(jax.tree_util.tree_flatten_with_path(axes, is_leaf=_is_names)[0],
                                   jax.tree.leaves(nn.unbox(boxed))):
     if len(names) != len(shape.shape):
       where = "/".join(str(k.key) for k in path)
       raise ValueError(f"model family {config.family!r}: param {where} {shape.shape} has logical axes {names}; "
                        "create every param with nn.with_logical_partitioning(init, names), one name a dimension")
-  return axes
+  return boxed, axes
 
 
 def _is_names(x) -> bool:
   return isinstance(x, tuple)
 
 
+def param_logical_axes(config: ModelConfig) -> dict:
+  """The params tree with, at each leaf, the tuple of logical axis names the module gave that array."""
+  return jax.tree.map(tuple, _traced_init(config, family_of(config))[1], is_leaf=_is_names)  # a copy of the cached
+
+
 def param_shapes(config: ModelConfig) -> dict:
   """ShapeDtypeStructs of every param (no allocation)."""
-  return nn.unbox(_boxed_shapes(config))
+  return nn.unbox(_traced_init(config, family_of(config))[0])
 
 
 def init_params(config: ModelConfig, rng: jax.Array, std: float = 0.02) -> dict:

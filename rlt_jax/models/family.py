@@ -73,6 +73,12 @@ def register(family: Family) -> Family:
   return family
 
 
+def unregister(name: str) -> None:
+  """Removes the family `name` and its config reader (tests; a process that changes its mind)."""
+  FAMILIES.pop(name, None)
+  config_lib.register_reader(name, None)
+
+
 def family_of(config: ModelConfig) -> Family:
   try:
     return FAMILIES[config.family]

@@ -232,15 +232,15 @@ class Embed(nn.Module):
     return sharding.constrain(x, ("batch", "length", "act_embed"))
 
 
-REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
+CHECKPOINT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
-def scanned_layers(block: type[nn.Module], config: ModelConfig, name: str = "layers") -> nn.Module:
+def scanned_layers(block: type[nn.Module], config: ModelConfig) -> nn.Module:
   """`config.num_layers` copies of `block` as one `nn.scan` (compile time independent of depth), their params
   stacked on a leading "layers" axis, each layer under `nn.remat` with `config.remat`'s policy (none: no remat).
   The layer is called as `block(config)(x, *broadcast) -> (x, None)`."""
   if config.remat != "none":
-    block = nn.remat(block, policy=REMAT_POLICIES[config.remat])
+    block = nn.remat(block, policy=CHECKPOINT_POLICIES[config.remat])
   return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
-                 length=config.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(config, name=name)
+                 length=config.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(config)
